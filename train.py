@@ -1,0 +1,778 @@
+"""Train a Transformer language model on token files written by prepare.py.
+
+    python train.py configs/shakespeare_char.yaml [--key=value ...] [--job_idx N] [--overwrite]
+    torchrun --standalone --nproc_per_node=8 train.py configs/gpt2_small.yaml
+
+Everything is in this file, top to bottom: the config (one flat table of keys), the
+distributed setup, the data sampler, the learning-rate schedules, evaluation,
+checkpoints, and the training loop. A run can be stopped at any step (SIGTERM, SIGUSR1,
+SIGINT) and started again with the same command: it continues bit-exactly.
+"""
+import argparse
+import contextlib
+import dataclasses
+import datetime
+import difflib
+import glob
+import json
+import math
+import os
+import random
+import resource
+import shutil
+import signal
+import sys
+import time
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+import yaml
+
+import sweep
+from model import ModelConfig, Transformer
+
+# -----------------------------------------------------------------------------
+# Config: every key, its default, and what it means. The README's table is this one.
+
+NUMBER = (int, float)  # a count of steps, or a fraction of `steps` when below 1
+CONFIG = {
+    # data
+    "data_dir": ("data/shakespeare_char", str, "folder with train.bin, val.bin, meta.json (prepare.py)"),
+    "seq_len": (256, int, "tokens per training sequence (context length)"),
+    # model (vocab_size comes from the data's meta.json)
+    "d_model": (384, int, "width of the residual stream"),
+    "n_layers": (6, int, "number of Transformer blocks"),
+    "n_heads": (6, int, "attention heads"),
+    "n_kv_heads": (None, (int, type(None)), "key/value heads for grouped-query attention (null: n_heads)"),
+    "d_ff": (None, (int, type(None)), "feed-forward width (null: 8/3 d_model for glu, 4 d_model for relu2, rounded up to 64)"),
+    "mlp": ("glu", str, "feed-forward type: glu (SwiGLU) or relu2 (squared ReLU)"),
+    "tie_embeddings": (True, bool, "share the token embedding with the LM head"),
+    "qk_norm": (False, bool, "RMSNorm on queries and keys per head"),
+    "rope_theta": (10000.0, float, "RoPE base"),
+    "norm_eps": (1e-5, float, "RMSNorm epsilon"),
+    # budget
+    "steps": (1000, int, "optimizer steps to train"),
+    "batch_size": (64, int, "sequences per optimizer step, over all devices"),
+    "micro_batch_size": (16, int, "sequences per forward pass on one device (gradient accumulation covers the rest)"),
+    # optimizer
+    "lr": (1e-3, float, "peak learning rate"),
+    "lr_min": (0.0, float, "learning rate at the end of cosine/linear decay or of the WSD cooldown"),
+    "weight_decay": (0.1, float, "AdamW weight decay, applied to matrices only"),
+    "beta1": (0.9, float, "AdamW beta1"),
+    "beta2": (0.95, float, "AdamW beta2"),
+    "eps": (1e-8, float, "AdamW epsilon"),
+    "grad_clip": (1.0, float, "clip the global gradient norm to this (0: no clipping)"),
+    # schedule
+    "scheduler": ("cosine", str, "cosine | wsd | constant | linear"),
+    "warmup_steps": (100, NUMBER, "linear warmup: steps, or a fraction of steps if < 1"),
+    "cooldown_steps": (0.2, NUMBER, "wsd cooldown length: steps, or a fraction of steps if < 1"),
+    "cooldown_shape": ("linear", str, "wsd cooldown shape: linear | 1-sqrt"),
+    # eval and logging
+    "eval_every": (250, int, "evaluate every this many steps (0: only at the end)"),
+    "eval_tokens": (131072, int, "validation tokens per evaluation (always the same ones)"),
+    "log_every": (10, int, "print and record metrics every this many steps"),
+    "sample_tokens": (0, int, "tokens to generate and print at the end of training (0: none)"),
+    # run folder and checkpoints
+    "out_dir": ("runs", str, "parent folder of run folders"),
+    "exp_name": (None, (str, type(None)), "run folder name (null: the config file's name)"),
+    "save_every": (500, int, "checkpoint every this many steps (0: only at the end)"),
+    "keep_last": (2, int, "checkpoints to keep in the run folder (older ones are removed)"),
+    "resume": ("auto", str, "auto: continue from the newest good checkpoint in the run folder; never: refuse to reuse one"),
+    "init_from": (None, (str, type(None)), "checkpoint (or run folder) to branch from into a new run, e.g. a WSD cooldown"),
+    # system
+    "device": ("auto", str, "auto | cpu | cuda"),
+    "dtype": ("auto", str, "auto (bf16 autocast on CUDA, fp16 on old GPUs, fp32 on CPU) | bf16 | fp16 | fp32"),
+    "compile": (False, bool, "torch.compile the model"),
+    "parallelism": ("ddp", str, "with several processes: ddp (replicated) or fsdp (FSDP2, sharded)"),
+    "seed": (0, int, "random seed (model init and data order)"),
+    "wandb": (False, bool, "log to Weights & Biases (needs `pip install wandb`)"),
+    "wandb_project": ("plainlm", str, "W&B project name"),
+}
+DEFAULTS = {key: default for key, (default, _, _) in CONFIG.items()}
+CHOICES = {"mlp": ("glu", "relu2"), "scheduler": ("cosine", "wsd", "constant", "linear"),
+           "cooldown_shape": ("linear", "1-sqrt"), "resume": ("auto", "never"), "device": ("auto", "cpu", "cuda"),
+           "dtype": ("auto", "bf16", "fp16", "fp32"), "parallelism": ("ddp", "fsdp")}
+# Keys that may differ when a run is resumed: they do not change what is being trained.
+RESUMABLE_CHANGES = {"steps", "eval_every", "eval_tokens", "log_every", "sample_tokens", "save_every", "keep_last",
+                     "resume", "init_from", "device", "compile", "parallelism", "micro_batch_size", "wandb", "wandb_project"}
+STOPPED_EXIT_CODE = 75  # "stopped early by a signal, checkpoint saved: run the same command again to continue"
+
+
+def fail(msg):
+    raise SystemExit(f"train.py: error: {msg}")
+
+
+def coerce(key, value):
+    """Convert a YAML or command-line value to the key's type, or fail with a clear message."""
+    kinds = CONFIG[key][1] if isinstance(CONFIG[key][1], tuple) else (CONFIG[key][1],)
+    if value is None or (isinstance(value, str) and value.lower() in ("null", "none")):
+        if type(None) in kinds:
+            return None
+    elif bool in kinds:
+        if isinstance(value, bool):
+            return value
+        if str(value).lower() in ("true", "false", "1", "0", "yes", "no"):
+            return str(value).lower() in ("true", "1", "yes")
+    elif not isinstance(value, bool):
+        # Numbers may arrive as text: PyYAML reads `1e-3` as a string, and overrides always are.
+        if int in kinds:
+            with contextlib.suppress(ValueError):
+                return int(str(value))  # "100" but not "2.5" or "1e3"
+        if float in kinds:
+            with contextlib.suppress(ValueError, TypeError):
+                return float(value)
+        if str in kinds and isinstance(value, (str, int, float)):
+            return str(value)
+    names = " or ".join("null" if k is type(None) else k.__name__ for k in kinds)
+    fail(f"config key '{key}' must be {names}, got {value!r}")
+
+
+def check_known(keys, where):
+    for key in keys:
+        if key not in CONFIG:
+            hint = difflib.get_close_matches(key, CONFIG, n=1)
+            fail(f"unknown config key '{key}' in {where}" + (f" (did you mean '{hint[0]}'?)" if hint else "")
+                 + "; `python train.py --help` lists every key")
+
+
+def load_config(path, overrides=(), job_idx=None):
+    """YAML file -> sweep job -> --key=value overrides -> defaults -> validated flat dict."""
+    raw = {}
+    if path:
+        if not os.path.isfile(path):
+            fail(f"config file '{path}' not found")
+        try:
+            with open(path) as f:
+                raw = yaml.safe_load(f) or {}
+        except yaml.YAMLError as e:
+            fail(f"config file '{path}' is not valid YAML: {str(e).splitlines()[0]}")
+        if not isinstance(raw, dict):
+            fail(f"config file '{path}' must be a mapping of key: value")
+    n_jobs = len(sweep.expand(raw))
+    if job_idx is None and n_jobs > 1:
+        fail(f"'{path}' is a sweep of {n_jobs} jobs: pass --job_idx N (0..{n_jobs - 1}); `python sweep.py {path} --list` shows them")
+    job = sweep.job_config(raw, job_idx or 0)
+    check_known(job, path)
+    for item in overrides:
+        if not item.startswith("--") or "=" not in item:
+            fail(f"cannot read argument '{item}': overrides are written --key=value")
+        key, value = item[2:].split("=", 1)
+        check_known([key], "the command line")
+        job[key] = value
+    cfg = dict(DEFAULTS)
+    cfg.update({key: coerce(key, value) for key, value in job.items()})
+    if cfg["exp_name"] is None:
+        cfg["exp_name"] = os.path.splitext(os.path.basename(path))[0] if path else "run"
+    cfg["job_idx"] = job_idx
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg):
+    for key, choices in CHOICES.items():
+        if cfg[key] not in choices:
+            fail(f"config key '{key}' must be one of {', '.join(choices)}, got {cfg[key]!r}")
+    for key in ("seq_len", "d_model", "n_layers", "n_heads", "steps", "batch_size", "micro_batch_size", "keep_last", "log_every"):
+        if cfg[key] <= 0:
+            fail(f"config key '{key}' must be positive, got {cfg[key]}")
+    for key in ("eval_every", "eval_tokens", "save_every", "sample_tokens", "lr", "lr_min", "weight_decay", "grad_clip", "warmup_steps", "cooldown_steps"):
+        if cfg[key] < 0:
+            fail(f"config key '{key}' must not be negative, got {cfg[key]}")
+    if cfg["lr_min"] > cfg["lr"]:
+        fail(f"lr_min ({cfg['lr_min']}) is larger than lr ({cfg['lr']})")
+    world = int(os.environ.get("WORLD_SIZE", os.environ.get("SLURM_STEP_NUM_TASKS", 1)))
+    if cfg["batch_size"] % (cfg["micro_batch_size"] * world):
+        fail(f"batch_size {cfg['batch_size']} is not divisible by micro_batch_size {cfg['micro_batch_size']} x "
+             f"{world} processes: choose them so that batch_size = micro_batch_size x processes x accumulation steps")
+    warmup, cooldown = schedule_lengths(cfg)
+    if warmup + (cooldown if cfg["scheduler"] == "wsd" else 0) > cfg["steps"]:
+        fail(f"warmup_steps ({warmup}) + cooldown_steps ({cooldown}) exceed steps ({cfg['steps']})")
+    try:
+        model_config(cfg, vocab_size=256)
+    except ValueError as e:
+        fail(f"bad model shape: {e}")
+
+
+def model_config(cfg, vocab_size):
+    return ModelConfig(vocab_size=vocab_size, d_model=cfg["d_model"], n_layers=cfg["n_layers"], n_heads=cfg["n_heads"],
+                       n_kv_heads=cfg["n_kv_heads"], d_ff=cfg["d_ff"], mlp=cfg["mlp"], tie_embeddings=cfg["tie_embeddings"],
+                       qk_norm=cfg["qk_norm"], rope_theta=cfg["rope_theta"], norm_eps=cfg["norm_eps"], max_seq_len=cfg["seq_len"])
+
+
+def run_dir_of(cfg):
+    if cfg["job_idx"] is None:
+        return os.path.join(cfg["out_dir"], cfg["exp_name"])
+    return os.path.join(cfg["out_dir"], cfg["exp_name"], f"job{cfg['job_idx']}")
+
+
+# -----------------------------------------------------------------------------
+# Learning-rate schedules. `step` counts optimizer steps from 1, so step 1 never runs at LR 0.
+
+def schedule_lengths(cfg):
+    def steps_of(value):
+        return round(value * cfg["steps"]) if isinstance(value, float) and value < 1 else int(value)
+    return steps_of(cfg["warmup_steps"]), steps_of(cfg["cooldown_steps"])
+
+
+def lr_at(step, cfg):
+    lr, lr_min, total = cfg["lr"], cfg["lr_min"], cfg["steps"]
+    warmup, cooldown = schedule_lengths(cfg)
+    if step <= warmup:
+        return lr * step / warmup
+    if cfg["scheduler"] == "constant":
+        return lr
+    if cfg["scheduler"] == "wsd":
+        decay_start = total - cooldown
+        if step <= decay_start:
+            return lr
+        progress = (step - decay_start) / cooldown  # in (0, 1]; reaches lr_min at the last step
+        left = 1 - progress if cfg["cooldown_shape"] == "linear" else 1 - math.sqrt(progress)
+        return lr_min + (lr - lr_min) * left
+    progress = (step - warmup) / max(1, total - warmup)
+    left = 1 - progress if cfg["scheduler"] == "linear" else 0.5 * (1 + math.cos(math.pi * progress))
+    return lr_min + (lr - lr_min) * left
+
+
+# -----------------------------------------------------------------------------
+# Data. train.bin is cut into windows of seq_len + 1 tokens that start every seq_len tokens,
+# so every token is predicted exactly once per epoch. Each epoch visits all windows in a
+# seeded random order; each optimizer step takes the next batch_size windows of that order and
+# deals them out to the ranks, so ranks never see the same window and the same config means
+# the same optimization on any number of devices. The sampler's state is two integers.
+
+def read_meta(data_dir):
+    path = os.path.join(data_dir, "meta.json")
+    if not os.path.isfile(path):
+        fail(f"no data in '{data_dir}' (meta.json missing): run `python prepare.py --source shakespeare "
+             f"--tokenizer char --out {data_dir}` or set data_dir")
+    with open(path) as f:
+        meta = json.load(f)
+    if not meta.get("complete"):
+        fail(f"'{path}' marks an incomplete data set: run prepare.py again with --overwrite")
+    return meta
+
+
+def open_tokens(data_dir, split, meta):
+    path = os.path.join(data_dir, f"{split}.bin")
+    if not os.path.isfile(path):
+        fail(f"'{path}' is missing: run prepare.py again with --overwrite")
+    return np.memmap(path, dtype=np.dtype(meta["dtype"]), mode="r")
+
+
+class Sampler:
+    def __init__(self, n_tokens, seq_len, seed):
+        self.n_windows = (n_tokens - 1) // seq_len
+        self.seed, self.epoch, self.pos = seed, 0, 0
+        self.order = self._order()
+
+    def _order(self):
+        return np.random.default_rng([self.seed, self.epoch]).permutation(self.n_windows)
+
+    def next_ids(self, count):
+        """The next `count` window ids, crossing into the next epoch when this one runs out."""
+        ids = []
+        while len(ids) < count:
+            take = min(count - len(ids), self.n_windows - self.pos)
+            ids.extend(self.order[self.pos:self.pos + take])
+            self.pos += take
+            if self.pos == self.n_windows:
+                self.epoch, self.pos = self.epoch + 1, 0
+                self.order = self._order()
+        return np.array(ids)
+
+    def state_dict(self):
+        return {"epoch": self.epoch, "pos": self.pos}
+
+    def load_state_dict(self, state):
+        self.epoch, self.pos = state["epoch"], state["pos"]
+        self.order = self._order()
+
+
+def get_windows(tokens, ids, seq_len, device):
+    """Inputs and targets (len(ids), seq_len) for windows `ids` of a memmapped token array."""
+    rows = np.stack([tokens[i * seq_len:i * seq_len + seq_len + 1] for i in ids]).astype(np.int64)
+    batch = torch.from_numpy(rows)
+    if device.type == "cuda":
+        batch = batch.pin_memory().to(device, non_blocking=True)
+    return batch[:, :-1], batch[:, 1:]
+
+
+# -----------------------------------------------------------------------------
+# Devices, processes and precision.
+
+def setup_distributed(cfg):
+    """(rank, local_rank, world_size, device). torchrun sets RANK/WORLD_SIZE/LOCAL_RANK; srun
+    launching one task per GPU sets SLURM_PROCID/SLURM_STEP_NUM_TASKS/SLURM_LOCALID instead."""
+    env = os.environ
+    if "RANK" in env:
+        rank, world, local_rank = int(env["RANK"]), int(env["WORLD_SIZE"]), int(env["LOCAL_RANK"])
+    elif "SLURM_PROCID" in env and int(env.get("SLURM_STEP_NUM_TASKS", 1)) > 1:
+        rank, world, local_rank = int(env["SLURM_PROCID"]), int(env["SLURM_STEP_NUM_TASKS"]), int(env["SLURM_LOCALID"])
+        if "MASTER_ADDR" not in env or "MASTER_PORT" not in env:
+            fail("running as a SLURM task without MASTER_ADDR/MASTER_PORT: export them (see slurm.sh) or use torchrun")
+    else:
+        rank, world, local_rank = 0, 1, 0
+    use_cuda = cfg["device"] == "cuda" or (cfg["device"] == "auto" and torch.cuda.is_available())
+    if cfg["device"] == "cuda" and not torch.cuda.is_available():
+        fail("device is cuda but no CUDA GPU is visible: set device: cpu (or auto)")
+    if use_cuda:
+        torch.cuda.set_device(local_rank)  # every rank on its own GPU
+        device = torch.device("cuda", local_rank)
+    else:
+        device = torch.device("cpu")
+    if world > 1:
+        # A rank that dies leaves the others blocked in a collective; they give up after this
+        # timeout. (torchrun and `srun --kill-on-bad-exit` stop them much sooner.)
+        dist.init_process_group(backend="nccl" if use_cuda else "gloo", rank=rank, world_size=world,
+                                timeout=datetime.timedelta(minutes=15), device_id=device if use_cuda else None)
+    return rank, local_rank, world, device
+
+
+def choose_precision(cfg, device):
+    """(autocast dtype or None, human-readable reason)."""
+    dtype = cfg["dtype"]
+    if dtype == "auto":
+        if device.type != "cuda":
+            return None, "fp32 (auto: this CPU has no fast bf16)"
+        if torch.cuda.is_bf16_supported():
+            return torch.bfloat16, "bf16 autocast (auto: CUDA with bf16)"
+        return torch.float16, "fp16 autocast + loss scaling (auto: this GPU has no bf16)"
+    if dtype == "fp32":
+        return None, "fp32"
+    return {"bf16": torch.bfloat16, "fp16": torch.float16}[dtype], f"{dtype} autocast"
+
+
+def autocast(device, amp_dtype):
+    if amp_dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=amp_dtype)
+
+
+def build_model(cfg, vocab_size, device, world, amp_dtype):
+    """(raw model, model to call). The raw model owns the parameters and clean state-dict names;
+    the one to call may be DDP-wrapped, FSDP-sharded and/or compiled."""
+    torch.manual_seed(cfg["seed"])  # same initial weights on every rank
+    raw = Transformer(model_config(cfg, vocab_size)).to(device)
+    model = raw
+    if world > 1 and cfg["parallelism"] == "fsdp":
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+        mp = MixedPrecisionPolicy(param_dtype=amp_dtype, reduce_dtype=torch.float32) if amp_dtype else MixedPrecisionPolicy()
+        for block in raw.blocks:
+            fully_shard(block, mp_policy=mp)
+        fully_shard(raw, mp_policy=mp)  # shards in place: raw is the sharded model
+    elif world > 1:
+        from torch.nn.parallel import DistributedDataParallel
+        model = DistributedDataParallel(raw, device_ids=[device.index] if device.type == "cuda" else None)
+    if cfg["compile"]:
+        model = torch.compile(model)
+    return raw, model
+
+
+def make_optimizer(raw, cfg, device):
+    # Decay matrices (embeddings, projections); never norm gains.
+    params = list({id(p): p for p in raw.parameters()}.values())
+    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg["weight_decay"]},
+              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+    fused = device.type == "cuda"
+    return torch.optim.AdamW(groups, lr=cfg["lr"], betas=(cfg["beta1"], cfg["beta2"]), eps=cfg["eps"], fused=fused)
+
+
+def no_grad_sync(model, raw, sync):
+    """Gradient accumulation: only the last micro-step's backward all-reduces gradients."""
+    if hasattr(raw, "set_requires_gradient_sync"):  # FSDP2
+        raw.set_requires_gradient_sync(sync)
+        return contextlib.nullcontext()
+    ddp = getattr(model, "_orig_mod", model)
+    if sync or not hasattr(ddp, "no_sync"):
+        return contextlib.nullcontext()
+    return ddp.no_sync()
+
+
+def train_step(model, raw, optimizer, scaler, micro_batches, cfg, device, amp_dtype):
+    """One optimizer step over a list of (inputs, targets) micro-batches.
+    Returns (mean loss over the micro-batches, as a tensor; gradient norm before clipping)."""
+    loss_sum = torch.zeros((), device=device)
+    for i, (x, y) in enumerate(micro_batches):
+        with no_grad_sync(model, raw, sync=i == len(micro_batches) - 1), autocast(device, amp_dtype):
+            _, loss = model(x, y)
+            scaled = loss / len(micro_batches)
+        scaler.scale(scaled).backward()
+        loss_sum += loss.detach()
+    scaler.unscale_(optimizer)
+    grad_norm = torch.nn.utils.clip_grad_norm_(raw.parameters(), cfg["grad_clip"] or float("inf"))
+    if hasattr(grad_norm, "full_tensor"):  # FSDP2 returns a sharded (DTensor) norm
+        grad_norm = grad_norm.full_tensor()
+    scaler.step(optimizer)
+    scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+    return loss_sum / len(micro_batches), grad_norm
+
+
+@torch.no_grad()
+def evaluate(model, tokens, cfg, device, amp_dtype, rank, world):
+    """Mean loss over the first eval_tokens validation tokens (the same ones every time).
+    Windows are dealt to ranks round-robin; every rank runs the same number of forward passes
+    (FSDP needs that), padding with ignored targets, and the sums are all-reduced."""
+    n_windows = min(cfg["eval_tokens"], len(tokens) - 1) // cfg["seq_len"]
+    mine = np.arange(rank, n_windows, world)
+    per_rank = math.ceil(n_windows / world)
+    total = torch.zeros(2, device=device, dtype=torch.float64)  # loss sum, token count
+    model.eval()
+    for start in range(0, per_rank, cfg["micro_batch_size"]):
+        ids = mine[start:start + cfg["micro_batch_size"]]
+        count = min(cfg["micro_batch_size"], per_rank - start)
+        # A rank that has run out of windows pads with window 0, whose targets count for nothing.
+        x, y = get_windows(tokens, np.concatenate([ids, np.zeros(count - len(ids), dtype=ids.dtype)]), cfg["seq_len"], device)
+        y[len(ids):] = -1
+        with autocast(device, amp_dtype):
+            logits, _ = model(x)
+        total[0] += F.cross_entropy(logits.flatten(0, 1).float(), y.flatten(), ignore_index=-1, reduction="sum")
+        total[1] += (y != -1).sum()
+    model.train()
+    if world > 1:
+        dist.all_reduce(total)
+    return (total[0] / total[1]).item()
+
+
+# -----------------------------------------------------------------------------
+# Checkpoints: <run>/ckpt_<step>.pt, written to a temporary name, fsynced, then renamed, so a
+# file with the final name is always complete. Model and optimizer are saved whole (unsharded,
+# parameter names as keys), so a checkpoint loads with any number of ranks, DDP or FSDP.
+
+def checkpoint_paths(run_dir):
+    """Complete-looking checkpoints, newest first."""
+    return sorted(glob.glob(os.path.join(run_dir, "ckpt_*.pt")), reverse=True)
+
+
+def save_checkpoint(run_dir, step, raw, optimizer, scaler, sampler, cfg, meta, rank, world, keep_last):
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+    # Collective under FSDP: every rank takes part, rank 0 receives the full tensors.
+    model_state, optim_state = get_state_dict(raw, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    rng = {"torch": torch.get_rng_state(), "python": random.getstate(),
+           "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None}
+    rngs = [None] * world
+    if world > 1:
+        dist.all_gather_object(rngs, rng)
+    else:
+        rngs = [rng]
+    if rank == 0:
+        state = {"model": model_state, "optimizer": optim_state, "scaler": scaler.state_dict(), "sampler": sampler.state_dict(),
+                 "step": step, "rng": rngs, "config": cfg, "model_config": dataclasses.asdict(raw.cfg), "meta": meta}
+        path = os.path.join(run_dir, f"ckpt_{step:07d}.pt")
+        tmp = path + ".tmp"
+        with open(tmp, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        fsync_dir(run_dir)
+        for old in checkpoint_paths(run_dir)[keep_last:]:
+            os.remove(old)
+    if world > 1:
+        dist.barrier()
+
+
+def fsync_dir(path):
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def load_newest_checkpoint(paths, log):
+    """The newest checkpoint that loads; truncated or corrupt ones are skipped with a warning."""
+    for path in paths:
+        try:
+            return path, torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:  # a truncated zip, a half-copied file, ...
+            log(f"warning: skipping unreadable checkpoint {path} ({type(e).__name__}: {str(e).splitlines()[0][:100]})")
+    return None, None
+
+
+def restore(ckpt, raw, optimizer, scaler, sampler, rank):
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+    set_state_dict(raw, optimizer, model_state_dict=ckpt["model"], optim_state_dict=ckpt["optimizer"],
+                   options=StateDictOptions(full_state_dict=True))
+    scaler.load_state_dict(ckpt["scaler"])
+    sampler.load_state_dict(ckpt["sampler"])
+    if rank < len(ckpt["rng"]):  # resuming on more ranks than saved: the new ranks keep their seeds
+        rng = ckpt["rng"][rank]
+        torch.set_rng_state(rng["torch"])
+        random.setstate(rng["python"])
+        if rng["cuda"] is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state(rng["cuda"])
+
+
+def prepare_run_dir(cfg, overwrite, log):
+    """Create the run folder, or check that the one there holds this same experiment."""
+    run_dir = run_dir_of(cfg)
+    saved_path = os.path.join(run_dir, "config.yaml")
+    if os.path.isfile(saved_path):
+        with open(saved_path) as f:
+            saved = yaml.safe_load(f) or {}
+        changed = sorted(k for k in set(saved) | set(cfg) if k not in RESUMABLE_CHANGES and saved.get(k) != cfg.get(k))
+        if changed and overwrite:
+            backup = f"{run_dir}.old-{time.strftime('%Y%m%d-%H%M%S')}"
+            os.replace(run_dir, backup)
+            log(f"--overwrite: moved the previous run folder to {backup}")
+        elif changed:
+            diff = ", ".join(f"{k}: {saved.get(k)!r} -> {cfg.get(k)!r}" for k in changed[:4])
+            fail(f"run folder '{run_dir}' holds a different experiment ({diff}): choose another exp_name, "
+                 f"or pass --overwrite to move that folder aside and start over")
+        elif cfg["resume"] == "never" and checkpoint_paths(run_dir):
+            fail(f"run folder '{run_dir}' already has checkpoints and resume is 'never': choose another exp_name")
+    os.makedirs(run_dir, exist_ok=True)
+    with open(saved_path + ".tmp", "w") as f:
+        yaml.safe_dump(cfg, f, sort_keys=False)
+    os.replace(saved_path + ".tmp", saved_path)
+    return run_dir
+
+
+# -----------------------------------------------------------------------------
+# Logging.
+
+GPU_PEAK_BF16_TFLOPS = {"H200": 989, "H100": 989, "A100": 312, "L40S": 362, "A10G": 70, "L4": 121, "RTX 4090": 165, "RTX 3090": 71}
+
+
+def peak_flops(device, amp_dtype):
+    """Datasheet dense bf16/fp16 peak of this GPU (FLOP/s), or None when unknown (CPUs)."""
+    if device.type != "cuda" or amp_dtype is None:
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((tf * 1e12 for key, tf in GPU_PEAK_BF16_TFLOPS.items() if key in name), None)
+
+
+def peak_memory_mb(device):
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def fmt_duration(seconds):
+    seconds = int(seconds)
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
+
+
+class Metrics:
+    """metrics.jsonl (and W&B when enabled), written by rank 0 only."""
+
+    def __init__(self, run_dir, cfg, start_step, enabled):
+        self.enabled, self.wandb = enabled, None
+        self.path = os.path.join(run_dir, "metrics.jsonl")
+        if not enabled:
+            return
+        if os.path.exists(self.path):  # drop records logged after the checkpoint we resume from
+            with open(self.path) as f:
+                kept = [line for line in f if line.strip() and json.loads(line)["step"] <= start_step]
+            with open(self.path + ".tmp", "w") as f:
+                f.writelines(kept)
+            os.replace(self.path + ".tmp", self.path)
+        if cfg["wandb"]:
+            try:
+                import wandb
+            except ImportError:
+                fail("wandb: true but the wandb package is not installed: `pip install wandb` or set wandb: false")
+            id_path = os.path.join(run_dir, "wandb_id.txt")
+            if not os.path.exists(id_path):
+                with open(id_path, "w") as f:
+                    f.write(wandb.util.generate_id())
+            with open(id_path) as f:
+                run_id = f.read().strip()
+            name = cfg["exp_name"] if cfg["job_idx"] is None else f"{cfg['exp_name']}/job{cfg['job_idx']}"
+            self.wandb = wandb.init(project=cfg["wandb_project"], name=name, id=run_id, resume="allow", config=cfg)
+
+    def write(self, record):
+        if not self.enabled:
+            return
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self.wandb:
+            self.wandb.log(record, step=record["step"])
+
+
+# -----------------------------------------------------------------------------
+# Signals: finish the current step, save, exit. A second signal acts as usual.
+
+STOP_SIGNAL = {"name": None}
+
+
+def request_stop(signum, frame):
+    STOP_SIGNAL["name"] = signal.Signals(signum).name
+    signal.signal(signum, signal.SIG_DFL)
+
+
+def stop_requested(world, device):
+    """True on every rank when any rank was signalled (they must all stop at the same step)."""
+    flag = STOP_SIGNAL["name"] is not None
+    if world == 1:
+        return flag
+    flag = torch.tensor(float(flag), device=device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return flag.item() > 0
+
+
+# -----------------------------------------------------------------------------
+# The training loop.
+
+def train(cfg, overwrite=False):
+    rank, local_rank, world, device = setup_distributed(cfg)
+    is_main = rank == 0
+
+    def log(msg):
+        if is_main:
+            print(msg, flush=True)
+
+    for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
+        signal.signal(sig, request_stop)
+    meta = read_meta(cfg["data_dir"])
+    train_tokens, val_tokens = open_tokens(cfg["data_dir"], "train", meta), open_tokens(cfg["data_dir"], "val", meta)
+    if len(train_tokens) <= cfg["seq_len"] * cfg["batch_size"] // world:
+        fail(f"train.bin in '{cfg['data_dir']}' has {len(train_tokens)} tokens, too few for one batch of "
+             f"{cfg['batch_size']} x {cfg['seq_len']}: use more data or a smaller batch_size/seq_len")
+    if len(val_tokens) <= cfg["seq_len"]:
+        fail(f"val.bin in '{cfg['data_dir']}' has {len(val_tokens)} tokens, fewer than seq_len {cfg['seq_len']}")
+    run_dir = prepare_run_dir(cfg, overwrite, log) if is_main else run_dir_of(cfg)
+    if world > 1:
+        dist.barrier()  # the run folder exists (and was checked) before anyone reads it
+
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    amp_dtype, precision = choose_precision(cfg, device)
+    if cfg["parallelism"] == "fsdp" and amp_dtype == torch.float16:
+        fail("fp16 with FSDP is not supported: use dtype bf16 (or fp32)")
+    raw, model = build_model(cfg, meta["vocab_size"], device, world, amp_dtype)
+    optimizer = make_optimizer(raw, cfg, device)
+    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
+    sampler = Sampler(len(train_tokens), cfg["seq_len"], cfg["seed"])
+
+    # Continue this run if it has a checkpoint; else branch from init_from; else start fresh.
+    start_step = 0
+    path, ckpt = load_newest_checkpoint(checkpoint_paths(run_dir), log) if cfg["resume"] == "auto" else (None, None)
+    if ckpt is None and cfg["init_from"]:
+        source = cfg["init_from"]
+        paths = checkpoint_paths(source) if os.path.isdir(source) else [source]
+        if not paths or not os.path.exists(paths[0]):
+            fail(f"init_from '{source}' is not a checkpoint file or a run folder with checkpoints")
+        path, ckpt = load_newest_checkpoint(paths, log)
+        if ckpt is None:
+            fail(f"init_from '{source}': no readable checkpoint")
+    if ckpt is not None:
+        if ckpt["model_config"] != dataclasses.asdict(raw.cfg):
+            fail(f"checkpoint {path} holds a different model shape than this config: {ckpt['model_config']}")
+        restore(ckpt, raw, optimizer, scaler, sampler, rank)
+        start_step = ckpt["step"]
+        log(f"resumed from {path} at step {start_step}")
+        del ckpt
+    torch.manual_seed(cfg["seed"] + rank + 1000 * start_step)  # per-rank streams for anything random later
+
+    accum = cfg["batch_size"] // (cfg["micro_batch_size"] * world)
+    tokens_per_step = cfg["batch_size"] * cfg["seq_len"]
+    flops_per_step = raw.flops_per_token(cfg["seq_len"]) * tokens_per_step
+    peak = peak_flops(device, amp_dtype)
+    metrics = Metrics(run_dir, cfg, start_step, enabled=is_main)
+    log(f"run {run_dir} | {raw.num_params() / 1e6:.2f}M parameters | {world} process(es) on {device.type}"
+        f"{' (' + cfg['parallelism'] + ')' if world > 1 else ''} | {precision} | compile {cfg['compile']} | "
+        f"batch {cfg['batch_size']} x {cfg['seq_len']} tokens = {accum} accumulation step(s) of {cfg['micro_batch_size']} per process")
+    if start_step >= cfg["steps"]:
+        log(f"already trained to step {start_step} (steps: {cfg['steps']}): nothing to do")
+        return 0
+
+    def eval_and_record(step, record):
+        val_loss = evaluate(model, val_tokens, cfg, device, amp_dtype, rank, world)
+        record.update(val_loss=val_loss, val_ppl=math.exp(min(val_loss, 50)))
+        log(f"step {step} | val loss {val_loss:.4f} | val ppl {record['val_ppl']:.2f}")
+
+    last_log_time, last_log_step, loss_sum, t_start = time.time(), start_step, None, time.time()
+    for step in range(start_step + 1, cfg["steps"] + 1):
+        lr = lr_at(step, cfg)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        ids = sampler.next_ids(cfg["batch_size"]).reshape(accum, world, cfg["micro_batch_size"])[:, rank]
+        micro_batches = [get_windows(train_tokens, micro_ids, cfg["seq_len"], device) for micro_ids in ids]
+        loss, grad_norm = train_step(model, raw, optimizer, scaler, micro_batches, cfg, device, amp_dtype)
+        loss_sum = loss if loss_sum is None else loss_sum + loss
+
+        record = {}
+        last = step == cfg["steps"]
+        if step % cfg["log_every"] == 0 or last:
+            if world > 1:
+                dist.all_reduce(loss_sum, op=dist.ReduceOp.AVG)
+            train_loss = loss_sum.item() / (step - last_log_step)
+            if not math.isfinite(train_loss):
+                fail(f"loss is {train_loss} at step {step} (first non-finite between steps {last_log_step + 1} and {step}); "
+                     f"the last good checkpoint is kept: lower lr or raise warmup_steps, then resume")
+            now = time.time()
+            step_s = (now - last_log_time) / (step - last_log_step)
+            tokens_per_s = tokens_per_step / step_s
+            record = {"step": step, "tokens": step * tokens_per_step, "lr": lr, "train_loss": train_loss,
+                      "grad_norm": grad_norm.item(), "tokens_per_s": tokens_per_s, "step_ms": 1000 * step_s,
+                      "peak_mem_mb": peak_memory_mb(device)}
+            mfu = f" | mfu {100 * flops_per_step / step_s / peak / world:.1f}%" if peak else ""
+            log(f"step {step}/{cfg['steps']} | loss {train_loss:.4f} | lr {lr:.2e} | grad {record['grad_norm']:.3f} | "
+                f"{tokens_per_s:,.0f} tok/s{mfu} | {1000 * step_s:.0f} ms/step | "
+                f"eta {fmt_duration(step_s * (cfg['steps'] - step))} | mem {record['peak_mem_mb']:,.0f} MB")
+            last_log_time, last_log_step, loss_sum = now, step, None
+        if (cfg["eval_every"] and step % cfg["eval_every"] == 0) or last:
+            eval_and_record(step, record)
+            record.setdefault("step", step)
+            last_log_time = time.time()  # evaluation time does not count against tokens/s
+        if record:
+            metrics.write(record)
+
+        stopping = stop_requested(world, device)
+        if last or stopping or (cfg["save_every"] and step % cfg["save_every"] == 0):
+            save_checkpoint(run_dir, step, raw, optimizer, scaler, sampler, cfg, meta, rank, world, cfg["keep_last"])
+            last_log_time = time.time()
+        if stopping and not last:
+            log(f"{STOP_SIGNAL['name'] or 'signal on another rank'}: saved a checkpoint at step {step}; "
+                f"run the same command again to continue")
+            return STOPPED_EXIT_CODE
+
+    log(f"done: {cfg['steps']} steps in {fmt_duration(time.time() - t_start)}")
+    if cfg["sample_tokens"] and is_main:
+        print_sample(raw, meta, cfg["sample_tokens"], device)
+    return 0
+
+
+def print_sample(raw, meta, n_tokens, device):
+    from prepare import tokenizer_from_meta
+    tokenizer = tokenizer_from_meta(meta)
+    start = torch.tensor([[tokenizer.eot_id]], device=device)
+    torch.manual_seed(0)
+    out = raw.generate(start, n_tokens, temperature=0.8, top_k=200)
+    print("---- sample ----\n" + tokenizer.decode(out[0, 1:].tolist()) + "\n----------------", flush=True)
+
+
+def parse_args(argv):
+    keys = "\n".join(f"  {key:<17} {str(default):<22} {text}" for key, (default, _, text) in CONFIG.items())
+    parser = argparse.ArgumentParser(
+        description="Train a Transformer language model. Settings come from the YAML file, then --key=value overrides.",
+        epilog=f"config keys (--key=value overrides any of them):\n  {'key':<17} {'default':<22} meaning\n{keys}\n\n"
+               f"exit status: 0 when training is finished, {STOPPED_EXIT_CODE} when stopped by a signal after saving "
+               f"a checkpoint (run the same command again to continue).",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("config", nargs="?", help="YAML config file (a sweep file needs --job_idx)")
+    parser.add_argument("--job_idx", type=int, help="which job of a sweep config to train (see sweep.py)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="if the run folder holds a different config, move it aside and start over")
+    args, overrides = parser.parse_known_args(argv)
+    return args, overrides
+
+
+def main(argv=None):
+    args, overrides = parse_args(sys.argv[1:] if argv is None else argv)
+    cfg = load_config(args.config, overrides, args.job_idx)
+    try:
+        code = train(cfg, args.overwrite)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())
