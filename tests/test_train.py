@@ -1,0 +1,250 @@
+"""train.py: learning, exact resume, signals, schedules, checkpoints, bad configs."""
+import json
+import math
+import os
+import shutil
+import signal
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import train
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def tiny_args(data_dir, out_dir, exp_name, **overrides):
+    cfg = dict(data_dir=data_dir, out_dir=out_dir, exp_name=exp_name, d_model=64, n_layers=2, n_heads=4, seq_len=64,
+               batch_size=16, micro_batch_size=8, steps=30, warmup_steps=3, lr=1e-2, lr_min=1e-3, eval_every=10,
+               eval_tokens=4096, log_every=1, save_every=10, keep_last=10, tie_embeddings=False)
+    cfg.update(overrides)
+    return [f"--{k}={v}" for k, v in cfg.items()]
+
+
+def run_train(argv):
+    return train.main(argv)
+
+
+def metrics(run_dir):
+    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def final_state(run_dir):
+    return torch.load(train.checkpoint_paths(run_dir)[0], weights_only=True)
+
+
+def assert_same_state(a, b):
+    assert a["step"] == b["step"]
+    assert a["model"].keys() == b["model"].keys()
+    for key in a["model"]:
+        assert torch.equal(a["model"][key], b["model"][key]), key
+    for name, state in a["optimizer"]["state"].items():
+        for key, value in state.items():
+            assert torch.equal(value, b["optimizer"]["state"][name][key]), (name, key)
+
+
+@pytest.fixture(scope="module")
+def straight_run(hamlet_data, tmp_path_factory):
+    """One uninterrupted 30-step run that other tests compare against."""
+    out = str(tmp_path_factory.mktemp("runs"))
+    assert run_train(tiny_args(hamlet_data, out, "straight")) == 0
+    return os.path.join(out, "straight")
+
+
+def test_loss_falls_on_real_text(straight_run):
+    records = metrics(straight_run)
+    losses = [r["train_loss"] for r in records if "train_loss" in r]
+    vals = [r["val_loss"] for r in records if "val_loss" in r]
+    vocab = final_state(straight_run)["meta"]["vocab_size"]
+    assert abs(losses[0] - math.log(vocab)) < 0.2  # starts near chance
+    assert losses[-1] < losses[0] - 1.2  # past the unigram plateau (~3.2)
+    assert vals == sorted(vals, reverse=True) and vals[-1] < 2.9
+    assert [r["step"] for r in records] == list(range(1, 31))
+
+
+def test_resume_is_bit_exact(straight_run, tmp_path):
+    # Stop at step 10 (the checkpoint written there), resume with the same command.
+    run_dir = tmp_path / "resumed"
+    run_dir.mkdir()
+    shutil.copy(os.path.join(straight_run, "ckpt_0000010.pt"), run_dir)
+    data_dir = final_state(straight_run)["config"]["data_dir"]
+    assert run_train(tiny_args(data_dir, str(tmp_path), "resumed")) == 0
+    assert_same_state(final_state(straight_run), final_state(str(run_dir)))
+    assert [r["train_loss"] for r in metrics(str(run_dir))] == [r["train_loss"] for r in metrics(straight_run)][10:]
+
+
+def test_sigterm_mid_run_then_resume_equals_straight_run(straight_run, tmp_path):
+    data_dir = final_state(straight_run)["config"]["data_dir"]
+    # Signal as soon as step 3 is logged; the run stops at the end of whatever step it is in.
+    cmd = [sys.executable, os.path.join(ROOT, "train.py")] + tiny_args(data_dir, str(tmp_path), "sig")
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT)
+    for line in proc.stdout:
+        if line.startswith("step 3/"):
+            proc.send_signal(signal.SIGTERM)
+            break
+    out = proc.stdout.read()
+    assert proc.wait(timeout=120) == train.STOPPED_EXIT_CODE, out
+    assert "SIGTERM: saved a checkpoint at step" in out
+    stopped_at = final_state(str(tmp_path / "sig"))["step"]
+    assert 3 <= stopped_at < 30
+    assert subprocess.run(cmd, cwd=ROOT, capture_output=True).returncode == 0
+    assert_same_state(final_state(straight_run), final_state(str(tmp_path / "sig")))
+    assert metrics(str(tmp_path / "sig")) != [] and [r["train_loss"] for r in metrics(str(tmp_path / "sig"))] == \
+        [r["train_loss"] for r in metrics(straight_run)]
+
+
+def test_rerunning_a_finished_run_does_nothing(straight_run, capsys):
+    data_dir = final_state(straight_run)["config"]["data_dir"]
+    assert run_train(tiny_args(data_dir, os.path.dirname(straight_run), "straight")) == 0
+    assert "nothing to do" in capsys.readouterr().out
+
+
+def test_truncated_newest_checkpoint_is_skipped(straight_run, tmp_path, capsys):
+    run_dir = tmp_path / "trunc"
+    shutil.copytree(straight_run, run_dir)
+    newest = train.checkpoint_paths(str(run_dir))[0]
+    with open(newest, "r+b") as f:
+        f.truncate(os.path.getsize(newest) // 2)
+    data_dir = final_state(straight_run)["config"]["data_dir"]
+    assert run_train(tiny_args(data_dir, str(tmp_path), "trunc")) == 0
+    out = capsys.readouterr().out
+    assert "warning: skipping unreadable checkpoint" in out and "resumed from" in out and "ckpt_0000020.pt" in out
+    assert_same_state(final_state(straight_run), final_state(str(run_dir)))
+
+
+def test_wsd_cooldown_branches_from_a_checkpoint(hamlet_data, tmp_path):
+    common = dict(scheduler="wsd", steps=20, warmup_steps=2, cooldown_steps=0, save_every=10)
+    assert run_train(tiny_args(hamlet_data, str(tmp_path), "constant", **common)) == 0
+    branch = dict(common, steps=16, cooldown_steps=6, init_from=str(tmp_path / "constant" / "ckpt_0000010.pt"))
+    assert run_train(tiny_args(hamlet_data, str(tmp_path), "cooldown", **branch)) == 0
+    records = metrics(str(tmp_path / "cooldown"))
+    assert [r["step"] for r in records] == list(range(11, 17))
+    assert records[-1]["lr"] == pytest.approx(1e-3)  # lr_min at the last step
+    # Until the cooldown starts, the branch repeats the constant run exactly.
+    constant = {r["step"]: r["train_loss"] for r in metrics(str(tmp_path / "constant"))}
+    assert records[0]["train_loss"] == constant[11]
+
+
+def test_non_finite_loss_stops_with_the_step(hamlet_data, tmp_path, monkeypatch):
+    real_step = train.train_step
+    calls = []
+
+    def step_that_blows_up(*args, **kwargs):
+        loss, norm = real_step(*args, **kwargs)
+        calls.append(1)
+        return (loss * float("nan") if len(calls) >= 7 else loss), norm
+
+    monkeypatch.setattr(train, "train_step", step_that_blows_up)
+    with pytest.raises(SystemExit, match="loss is nan at step 7 .*last good checkpoint is kept"):
+        run_train(tiny_args(hamlet_data, str(tmp_path), "nan", save_every=5))
+    assert [os.path.basename(p) for p in train.checkpoint_paths(str(tmp_path / "nan"))] == ["ckpt_0000005.pt"]
+
+
+# -----------------------------------------------------------------------------
+# Schedules: `step` is the optimizer step being taken, counted from 1.
+
+def schedule(**kw):
+    cfg = dict(train.DEFAULTS, lr=1.0, lr_min=0.1, steps=100, warmup_steps=10, cooldown_steps=20)
+    cfg.update(kw)
+    return lambda step: train.lr_at(step, cfg)
+
+
+def test_schedules():
+    for name in ("cosine", "wsd", "linear", "constant"):
+        lr = schedule(scheduler=name)
+        assert lr(1) == pytest.approx(0.1)  # never 0 at the first step
+        assert lr(10) == pytest.approx(1.0)  # end of warmup: peak
+    cosine = schedule(scheduler="cosine")
+    assert cosine(55) == pytest.approx(0.55) and cosine(100) == pytest.approx(0.1)
+    linear = schedule(scheduler="linear")
+    assert linear(55) == pytest.approx(0.55) and linear(100) == pytest.approx(0.1)
+    wsd = schedule(scheduler="wsd")
+    assert wsd(80) == 1.0  # last step before the cooldown
+    assert wsd(81) == pytest.approx(0.1 + 0.9 * 19 / 20)  # first cooldown step
+    assert wsd(100) == pytest.approx(0.1)  # end of cooldown: lr_min
+    sqrt = schedule(scheduler="wsd", cooldown_shape="1-sqrt")
+    assert sqrt(85) == pytest.approx(0.1 + 0.9 * (1 - math.sqrt(0.25)))
+    fractions = schedule(scheduler="wsd", warmup_steps=0.1, cooldown_steps=0.2)
+    assert [fractions(s) for s in range(1, 101)] == [wsd(s) for s in range(1, 101)]
+    assert schedule(scheduler="constant", warmup_steps=0)(1) == 1.0
+
+
+def test_sampler_visits_every_window_once_per_epoch_and_resumes():
+    sampler = train.Sampler(n_tokens=1001, seq_len=10, seed=3)  # 100 windows
+    first = sampler.next_ids(64)
+    state = sampler.state_dict()
+    second = sampler.next_ids(64)  # crosses into epoch 1
+    assert sorted(list(first) + list(second[:36])) == list(range(100))
+    again = train.Sampler(n_tokens=1001, seq_len=10, seed=3)
+    again.load_state_dict(state)
+    assert list(again.next_ids(64)) == list(second)
+
+
+# -----------------------------------------------------------------------------
+# Bad configs: one clear line, non-zero exit.
+
+def config_error(tmp_path, text, *overrides):
+    path = tmp_path / "bad.yaml"
+    path.write_text(text)
+    with pytest.raises(SystemExit) as e:
+        train.load_config(str(path), list(overrides))
+    return str(e.value)
+
+
+@pytest.mark.parametrize("text, overrides, message", [
+    ("lr: 1e-3\nwarmup_step: 10\n", [], "unknown config key 'warmup_step' in .*did you mean 'warmup_steps'"),
+    ("", ["--n_layer=3"], "unknown config key 'n_layer' in the command line .*did you mean 'n_layers'"),
+    ("steps: ten\n", [], "config key 'steps' must be int, got 'ten'"),
+    ("", ["--lr=fast"], "config key 'lr' must be float, got 'fast'"),
+    ("compile: maybe\n", [], "config key 'compile' must be bool"),
+    ("steps: 2.5\n", [], "config key 'steps' must be int"),
+    ("batch_size: 24\nmicro_batch_size: 16\n", [], "batch_size 24 is not divisible by micro_batch_size 16"),
+    ("scheduler: cosin\n", [], "config key 'scheduler' must be one of cosine, wsd, constant, linear"),
+    ("steps: 100\nwarmup_steps: 90\ncooldown_steps: 20\nscheduler: wsd\n", [], r"warmup_steps \(90\) \+ cooldown_steps \(20\) exceed steps"),
+    ("d_model: 100\nn_heads: 3\n", [], "bad model shape: d_model=100 is not divisible by n_heads=3"),
+    ("lr: -1\n", [], "'lr' must not be negative"),
+    ("lr: [1, 2\n", [], "is not valid YAML"),
+    ("- a\n- b\n", [], "must be a mapping"),
+    ("", ["steps=5"], "overrides are written --key=value"),
+])
+def test_bad_config_is_one_clear_error(tmp_path, text, overrides, message):
+    import re
+    error = config_error(tmp_path, text, *overrides)
+    assert error.startswith("train.py: error: ") and "\n" not in error
+    assert re.search(message, error), error
+
+
+def test_values_are_typed_by_the_defaults(tmp_path):
+    path = tmp_path / "ok.yaml"
+    path.write_text("lr: 1e-3\nwarmup_steps: 0.1\ncompile: false\nn_kv_heads: 2\n")
+    cfg = train.load_config(str(path), ["--steps=50", "--qk_norm=true", "--d_ff=null", "--rope_theta=500000"])
+    assert cfg["lr"] == 1e-3 and cfg["warmup_steps"] == 0.1 and cfg["steps"] == 50 and cfg["qk_norm"] is True
+    assert cfg["d_ff"] is None and cfg["rope_theta"] == 500000.0 and cfg["n_kv_heads"] == 2
+    assert cfg["exp_name"] == "ok"
+
+
+def test_command_line_errors_are_one_line_without_traceback(tmp_path):
+    for argv in (["missing.yaml"], [os.path.join(ROOT, "configs", "shakespeare_char.yaml"), f"--data_dir={tmp_path}/nothing"]):
+        result = subprocess.run([sys.executable, os.path.join(ROOT, "train.py")] + argv, capture_output=True, text=True,
+                                cwd=tmp_path)
+        assert result.returncode != 0
+        assert result.stderr.count("\n") == 1 and result.stderr.startswith("train.py: error:"), result.stderr
+    assert "config file 'missing.yaml' not found" in subprocess.run(
+        [sys.executable, os.path.join(ROOT, "train.py"), "missing.yaml"], capture_output=True, text=True).stderr
+
+
+def test_run_folder_with_another_config_is_refused_unless_overwrite(straight_run, capsys):
+    data_dir = final_state(straight_run)["config"]["data_dir"]
+    out = os.path.dirname(straight_run)
+    with pytest.raises(SystemExit, match="holds a different experiment .*lr: 0.01 -> 0.001.*--overwrite"):
+        run_train(tiny_args(data_dir, out, "straight", lr=1e-3))
+    assert run_train(tiny_args(data_dir, out, "straight", lr=1e-3, steps=4, eval_every=0) + ["--overwrite"]) == 0
+    assert "moved the previous run folder to" in capsys.readouterr().out
+    backups = [d for d in os.listdir(out) if d.startswith("straight.old-")]
+    assert len(backups) == 1 and train.checkpoint_paths(os.path.join(out, backups[0]))  # nothing lost
+    # Restore for other tests in this module that read straight_run.
+    shutil.rmtree(straight_run)
+    os.replace(os.path.join(out, backups[0]), straight_run)
