@@ -32,7 +32,12 @@ class ModelConfig:
     max_seq_len: int = 1024  # length of the precomputed RoPE tables
 
     def __post_init__(self):
-        self.n_kv_heads = self.n_kv_heads or self.n_heads
+        if self.n_kv_heads is None:
+            self.n_kv_heads = self.n_heads
+        for name in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "d_ff", "max_seq_len"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or value < 1):
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
         if self.mlp not in ("glu", "relu2"):
             raise ValueError(f"mlp must be 'glu' or 'relu2', got {self.mlp!r}")
         if self.d_model % self.n_heads:
@@ -186,6 +191,8 @@ class Transformer(nn.Module):
         Targets equal to -1 are ignored. The loss is computed in fp32 whatever the autocast."""
         T = idx.shape[1]
         pos = cache.pos if cache is not None else 0
+        if pos + T > self.cfg.max_seq_len:
+            raise ValueError(f"sequence of {pos + T} tokens is longer than max_seq_len={self.cfg.max_seq_len}")
         cos, sin = self.rope_cos[pos:pos + T], self.rope_sin[pos:pos + T]
         x = self.tok_emb(idx)
         for block in self.blocks:
@@ -221,10 +228,11 @@ class Transformer(nn.Module):
         return 3 * (c.n_layers * (proj + scores + mlp) + head)
 
     @torch.no_grad()
-    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None):
+    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, on_token=None):
         """Continue each row of idx (B, T) by max_new_tokens tokens. temperature 0 is greedy.
         Uses a KV cache; when the context reaches max_seq_len the newest half is re-encoded
-        and generation goes on from there."""
+        and generation goes on from there. on_token, if given, is called with each new (B, 1)
+        token tensor as soon as it is chosen (sample.py uses it to stream text)."""
         window = self.cfg.max_seq_len
         cache = KVCache(self.cfg, idx.shape[0], window, idx.device, self.tok_emb.weight.dtype)
         logits, _ = self(idx[:, -window:], cache=cache)
@@ -239,9 +247,11 @@ class Transformer(nn.Module):
                     logits = logits.masked_fill(logits < kth, -float("inf"))
                 next_tok = torch.multinomial(F.softmax(logits, dim=-1), num_samples=1)
             idx = torch.cat((idx, next_tok), dim=1)
+            if on_token is not None:
+                on_token(next_tok)
             if cache.pos == window:  # full: start over from the newest half
                 cache.pos = 0
-                logits, _ = self(idx[:, -(window // 2):], cache=cache)
+                logits, _ = self(idx[:, -max(1, window // 2):], cache=cache)
             else:
                 logits, _ = self(next_tok, cache=cache)
         return idx
