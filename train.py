@@ -152,7 +152,7 @@ def load_config(path, overrides=(), job_idx=None):
             fail(f"config file '{path}' is not valid YAML: {str(e).splitlines()[0]}")
         if not isinstance(raw, dict):
             fail(f"config file '{path}' must be a mapping of key: value")
-    n_jobs = len(sweep.expand(raw))
+    n_jobs = sweep.count(raw)
     if job_idx is None and n_jobs > 1:
         fail(f"'{path}' is a sweep of {n_jobs} jobs: pass --job_idx N (0..{n_jobs - 1}); `python sweep.py {path} --list` shows them")
     job = sweep.job_config(raw, job_idx or 0)
@@ -607,14 +607,16 @@ class Metrics:
 
 
 # -----------------------------------------------------------------------------
-# Signals: finish the current step, save, exit. A second signal acts as usual.
+# Signals: finish the current step, save, exit. SIGTERM may arrive twice (SLURM signals every
+# process, then torchrun forwards its own), so it never kills the save; a second Ctrl-C does.
 
 STOP_SIGNAL = {"name": None}
 
 
 def request_stop(signum, frame):
     STOP_SIGNAL["name"] = signal.Signals(signum).name
-    signal.signal(signum, signal.SIG_DFL)
+    if signum == signal.SIGINT:
+        signal.signal(signum, signal.SIG_DFL)
 
 
 def stop_requested(world, device):
