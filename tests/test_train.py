@@ -248,3 +248,14 @@ def test_run_folder_with_another_config_is_refused_unless_overwrite(straight_run
     # Restore for other tests in this module that read straight_run.
     shutil.rmtree(straight_run)
     os.replace(os.path.join(out, backups[0]), straight_run)
+
+
+def test_readme_lists_every_config_key_and_ci_runs_its_test_command():
+    with open(os.path.join(ROOT, "README.md")) as f:
+        readme = f.read()
+    for key, (default, _, _) in train.CONFIG.items():
+        shown = "null" if default is None else str(default).lower() if isinstance(default, bool) else str(default)
+        assert f"| `{key}` | `{shown}` |" in readme, f"README's config table is out of date for '{key}'"
+    with open(os.path.join(ROOT, ".ci", "run")) as f:
+        ci_command = f.read().strip().splitlines()[-1]
+    assert f"```bash\n{ci_command}\n```" in readme
