@@ -114,15 +114,16 @@ echo "slurm.sh: task $TASK (start $(( ${SLURM_RESTART_COUNT:-0} + 1 ))) on $(hos
 # - srun turns a SIGTERM it receives into SIGKILL for its tasks, but forwards SIGUSR1 as is.
 #   So srun gets SIGUSR1.
 if [ "$NODES" -gt 1 ]; then
-    # One task per GPU on every node; train.py reads SLURM_PROCID / SLURM_NTASKS / SLURM_LOCALID.
-    # A task exiting 75 after the checkpoint is not an error: --kill-on-bad-exit=0 keeps srun
-    # from killing the other tasks while rank 0 may still be writing the checkpoint.
+    # One task per GPU on every node; train.py reads SLURM_PROCID / SLURM_STEP_NUM_TASKS /
+    # SLURM_LOCALID. --kill-on-bad-exit=1: a crashed rank takes the others down at once instead
+    # of leaving them blocked until the process-group timeout. A signalled stop is safe with it:
+    # every rank waits at a barrier until rank 0 has written the checkpoint, then exits 75.
     MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
     MASTER_PORT=$(( 20000 + SLURM_JOB_ID % 20000 ))  # from the job id: array tasks may share a node
     export MASTER_ADDR MASTER_PORT
     STOP_SIGNAL=USR1
     srun --nodes="$NODES" --ntasks-per-node="$PROCS_PER_NODE" --cpus-per-task="$CPUS_PER_GPU" \
-         --kill-on-bad-exit=0 python "${TRAIN[@]}" &
+         --kill-on-bad-exit=1 python "${TRAIN[@]}" &
 else
     export TORCH_ELASTIC_SHUTDOWN_TIMEOUT=${TORCH_ELASTIC_SHUTDOWN_TIMEOUT:-$WARN_SECONDS}
     STOP_SIGNAL=TERM

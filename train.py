@@ -189,8 +189,13 @@ def validate(cfg):
         fail(f"batch_size {cfg['batch_size']} is not divisible by micro_batch_size {cfg['micro_batch_size']} x "
              f"{world} processes: choose them so that batch_size = micro_batch_size x processes x accumulation steps")
     warmup, cooldown = schedule_lengths(cfg)
-    if warmup + (cooldown if cfg["scheduler"] == "wsd" else 0) > cfg["steps"]:
+    if cfg["scheduler"] == "wsd" and warmup + cooldown > cfg["steps"]:
         fail(f"warmup_steps ({warmup}) + cooldown_steps ({cooldown}) exceed steps ({cfg['steps']})")
+    if warmup > cfg["steps"]:
+        fail(f"warmup_steps ({warmup}) exceed steps ({cfg['steps']})")
+    if cfg["eval_tokens"] < cfg["seq_len"] + 1:
+        fail(f"eval_tokens ({cfg['eval_tokens']}) must be at least seq_len + 1 ({cfg['seq_len'] + 1}) "
+             f"to hold one validation window")
     try:
         model_config(cfg, vocab_size=256)
     except ValueError as e:
@@ -327,8 +332,11 @@ def setup_distributed(cfg):
     if cfg["device"] == "cuda" and not torch.cuda.is_available():
         fail("device is cuda but no CUDA GPU is visible: set device: cpu (or auto)")
     if use_cuda:
-        torch.cuda.set_device(local_rank)  # every rank on its own GPU
-        device = torch.device("cuda", local_rank)
+        # Every rank on its own GPU. srun may show each task only its own GPU (--gpus-per-task=1),
+        # which is then device 0 for it, whatever its local rank.
+        gpu = local_rank % torch.cuda.device_count()
+        torch.cuda.set_device(gpu)
+        device = torch.device("cuda", gpu)
     else:
         device = torch.device("cpu")
     if world > 1:
@@ -376,7 +384,12 @@ def build_model(cfg, vocab_size, device, world, amp_dtype):
         fully_shard(raw, mp_policy=mp)  # shards in place: raw is the sharded model
     elif world > 1:
         from torch.nn.parallel import DistributedDataParallel
-        model = DistributedDataParallel(raw, device_ids=[device.index] if device.type == "cuda" else None)
+        # gradient_as_bucket_view: the gradients live in DDP's all-reduce buckets instead of
+        # being copied there, which saves one model-sized buffer per process.
+        # broadcast_buffers off: the only buffers are the RoPE tables, the same on every rank, so
+        # re-sending them from rank 0 before every forward pass would be wasted communication.
+        model = DistributedDataParallel(raw, device_ids=[device.index] if device.type == "cuda" else None,
+                                        gradient_as_bucket_view=True, broadcast_buffers=False)
     if cfg["compile"]:
         model = torch.compile(model)
     return raw, model
@@ -387,7 +400,9 @@ def make_optimizer(raw, cfg, device):
     params = list({id(p): p for p in raw.parameters()}.values())
     groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg["weight_decay"]},
               {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
-    fused = device.type == "cuda"
+    # The fused kernel updates each tensor in one pass; on CPU it is ~10x faster than the default
+    # per-tensor loop (86 vs 940 ms per step for 10.7M parameters, measured with bench.py's shape).
+    fused = device.type in ("cuda", "cpu")
     return torch.optim.AdamW(groups, lr=cfg["lr"], betas=(cfg["beta1"], cfg["beta2"]), eps=cfg["eps"], fused=fused)
 
 
@@ -682,6 +697,12 @@ def train(cfg, overwrite=False):
         start_step = ckpt["step"]
         log(f"resumed from {path} at step {start_step}")
         del ckpt
+    if world > 1:  # every rank reads the run folder itself: on several nodes it must be on a shared filesystem
+        steps = torch.tensor([start_step, -start_step], device=device)
+        dist.all_reduce(steps, op=dist.ReduceOp.MAX)
+        if steps[0] != -steps[1]:
+            fail(f"the processes found different checkpoints in '{run_dir}' (steps {-steps[1].item()} to "
+                 f"{steps[0].item()}): put out_dir on a filesystem that every node can read")
     torch.manual_seed(cfg["seed"] + rank + 1000 * start_step)  # per-rank streams for anything random later
 
     accum = cfg["batch_size"] // (cfg["micro_batch_size"] * world)
