@@ -193,6 +193,8 @@ class Transformer(nn.Module):
         pos = cache.pos if cache is not None else 0
         if pos + T > self.cfg.max_seq_len:
             raise ValueError(f"sequence of {pos + T} tokens is longer than max_seq_len={self.cfg.max_seq_len}")
+        if pos > 0 and T > 1:  # the attention mask below only covers a prompt or single tokens
+            raise ValueError("after the prompt, a cached forward takes one token at a time")
         cos, sin = self.rope_cos[pos:pos + T], self.rope_sin[pos:pos + T]
         x = self.tok_emb(idx)
         for block in self.blocks:
@@ -236,7 +238,7 @@ class Transformer(nn.Module):
         window = self.cfg.max_seq_len
         cache = KVCache(self.cfg, idx.shape[0], window, idx.device, self.tok_emb.weight.dtype)
         logits, _ = self(idx[:, -window:], cache=cache)
-        for _ in range(max_new_tokens):
+        for i in range(max_new_tokens):
             logits = logits[:, -1, :].float()
             if temperature == 0:
                 next_tok = logits.argmax(dim=-1, keepdim=True)
@@ -249,6 +251,8 @@ class Transformer(nn.Module):
             idx = torch.cat((idx, next_tok), dim=1)
             if on_token is not None:
                 on_token(next_tok)
+            if i == max_new_tokens - 1:
+                break  # no forward pass for logits nobody reads
             if cache.pos == window:  # full: start over from the newest half
                 cache.pos = 0
                 logits, _ = self(idx[:, -max(1, window // 2):], cache=cache)
