@@ -562,7 +562,10 @@ def prepare_run_dir(cfg, overwrite, log):
 # -----------------------------------------------------------------------------
 # Logging.
 
-GPU_PEAK_BF16_TFLOPS = {"H200": 989, "H100": 989, "A100": 312, "L40S": 362, "A10G": 70, "L4": 121, "RTX 4090": 165, "RTX 3090": 71}
+# Dense bf16 datasheet peaks. The first key found in the device name wins, so the PCIe/NVL H100s
+# (lower clocks) come before plain "H100" (the SXM part).
+GPU_PEAK_BF16_TFLOPS = {"B200": 2250, "H200": 989, "H100 PCIe": 756, "H100 NVL": 835, "H100": 989, "A100": 312,
+                        "L40S": 362, "A10G": 70, "L4": 121, "RTX 4090": 165, "RTX 3090": 71}
 
 
 def peak_flops(device, amp_dtype):

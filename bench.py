@@ -1,0 +1,438 @@
+"""Measure how fast a config trains: tokens/s, MFU, memory and start-up time, optionally side by
+side with Hugging Face's LlamaForCausalLM of the same shape.
+
+    python bench.py configs/bench_cpu.yaml --data dummy --vocab_size 65 --measure_peak
+    python bench.py configs/bench_cpu.yaml --data dummy --vocab_size 65 --compile=true --compare hf
+    python bench.py --prepare shakespeare
+
+The step it times is train.py's own: the same config keys, data sampler, model build (compile,
+precision), optimizer and train_step. Our model and the Hugging Face one run in the same process,
+round by round (ours, hf | hf, ours | ...), because the speed of a shared machine drifts from
+minute to minute; reported speeds are medians over the rounds that had the machine to themselves
+(on CPU: the process got >= 90% of its threads' time). The last line printed is one JSON object
+with every number, for scripts.
+"""
+import time
+
+START = time.time()  # before torch is imported: `startup_s` counts the imports too
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+
+import numpy as np
+import torch
+
+from train import (GPU_PEAK_BF16_TFLOPS, Sampler, build_model, choose_precision, get_windows, load_config,
+                   lr_at, make_optimizer, model_config, open_tokens, peak_flops, peak_memory_mb, read_meta,
+                   setup_distributed, train_step)
+
+
+def fail(msg):
+    raise SystemExit(f"bench.py: error: {msg}")
+
+
+# -----------------------------------------------------------------------------
+# Data: the config's train.bin, or random tokens of the config's vocabulary. Either way the
+# batches go through train.py's Sampler and get_windows, so data_ms is what training waits.
+
+def open_data(cfg, args):
+    """(token array, vocab_size, description)."""
+    if args.data == "dummy":
+        vocab_size = args.vocab_size
+        if vocab_size is None:
+            if not os.path.isfile(os.path.join(cfg["data_dir"], "meta.json")):
+                fail(f"--data dummy needs the vocabulary size: pass --vocab_size N (or set data_dir to a "
+                     f"folder with meta.json; '{cfg['data_dir']}' has none)")
+            vocab_size = read_meta(cfg["data_dir"])["vocab_size"]
+        if vocab_size < 2:
+            fail(f"--vocab_size must be at least 2, got {vocab_size}")
+        n_tokens = 8 * cfg["batch_size"] * cfg["seq_len"] + 1  # the sampler cycles through epochs
+        dtype = np.uint16 if vocab_size <= 2**16 else np.uint32
+        tokens = np.random.default_rng(cfg["seed"]).integers(0, vocab_size, n_tokens).astype(dtype)
+        return tokens, vocab_size, f"dummy tokens (vocab {vocab_size})"
+    if args.vocab_size is not None:
+        fail("--vocab_size only applies to --data dummy (real data brings its vocabulary in meta.json)")
+    meta = read_meta(cfg["data_dir"])
+    tokens = open_tokens(cfg["data_dir"], "train", meta)
+    if len(tokens) <= cfg["seq_len"] * cfg["batch_size"]:
+        fail(f"train.bin in '{cfg['data_dir']}' has {len(tokens)} tokens, too few for one batch of "
+             f"{cfg['batch_size']} x {cfg['seq_len']}: use more data, a smaller batch_size/seq_len, or --data dummy")
+    return tokens, meta["vocab_size"], f"{cfg['data_dir']} ({meta['tokenizer']}, vocab {meta['vocab_size']})"
+
+
+# -----------------------------------------------------------------------------
+# The two models. Hugging Face's gets our call signature, model(x, y) -> (logits, loss), so the
+# very same train_step (and optimizer, param groups, clipping) drives both.
+
+class HFLlama(torch.nn.Module):
+    def __init__(self, hf_model):
+        super().__init__()
+        self.hf = hf_model
+
+    def forward(self, idx, targets):
+        # shift_labels: y is already x shifted by one; without it HF would shift a second time.
+        # (HF views the labels flat, so they must be contiguous; its own shifting makes them so.)
+        targets = targets.contiguous()
+        out = self.hf(input_ids=idx, labels=targets, shift_labels=targets)
+        return out.logits, out.loss
+
+
+def build_hf(cfg, vocab_size, device):
+    """(raw, model to call) for transformers.LlamaForCausalLM with our exact architecture."""
+    if cfg["mlp"] != "glu" or cfg["qk_norm"]:
+        fail("--compare hf needs mlp: glu and qk_norm: false (Llama has neither ReLU² nor QK-norm)")
+    try:
+        from transformers import LlamaConfig, LlamaForCausalLM
+    except ImportError:
+        fail("--compare hf needs the transformers package: `pip install transformers`")
+    c = model_config(cfg, vocab_size)
+    hf_config = LlamaConfig(
+        vocab_size=c.padded_vocab,  # ours pads the head to this too (its loss reads only vocab_size columns)
+        hidden_size=c.d_model, intermediate_size=c.d_ff, num_hidden_layers=c.n_layers,
+        num_attention_heads=c.n_heads, num_key_value_heads=c.n_kv_heads, head_dim=c.head_dim,
+        hidden_act="silu", max_position_embeddings=c.max_seq_len, rms_norm_eps=c.norm_eps,
+        rope_theta=c.rope_theta, tie_word_embeddings=c.tie_embeddings, attention_bias=False,
+        mlp_bias=False, use_cache=False,  # training keeps no KV cache
+        attn_implementation="sdpa")
+    torch.manual_seed(cfg["seed"])
+    raw = HFLlama(LlamaForCausalLM(hf_config)).to(device)
+    return raw, (torch.compile(raw) if cfg["compile"] else raw)
+
+
+def make_side(name, cfg, data, device, amp_dtype):
+    """Everything one model needs to take training steps, from a fresh start."""
+    tokens, vocab_size, _ = data
+    t0 = time.time()
+    if name == "ours":
+        raw, model = build_model(cfg, vocab_size, device, 1, amp_dtype)
+    else:
+        raw, model = build_hf(cfg, vocab_size, device)
+    side = {"name": name, "raw": raw, "model": model, "optimizer": make_optimizer(raw, cfg, device),
+            "scaler": torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16),
+            "sampler": Sampler(len(tokens), cfg["seq_len"], cfg["seed"]), "step": 0,
+            "rounds": [], "build_start": t0}
+    side["params"] = sum(p.numel() for p in {id(p): p for p in raw.parameters()}.values())
+    return side
+
+
+def run_steps(side, n, cfg, data, device, amp_dtype):
+    """n training steps exactly as train.py takes them.
+    Returns (seconds, seconds spent on data, CPU seconds of this process)."""
+    tokens = data[0]
+    accum = cfg["batch_size"] // cfg["micro_batch_size"]
+    data_s, t0, cpu0 = 0.0, time.perf_counter(), time.process_time()
+    for _ in range(n):
+        side["step"] += 1
+        for group in side["optimizer"].param_groups:
+            group["lr"] = lr_at(side["step"], cfg)
+        t_data = time.perf_counter()
+        ids = side["sampler"].next_ids(cfg["batch_size"]).reshape(accum, cfg["micro_batch_size"])
+        micro_batches = [get_windows(tokens, micro_ids, cfg["seq_len"], device) for micro_ids in ids]
+        data_s += time.perf_counter() - t_data
+        loss, _ = train_step(side["model"], side["raw"], side["optimizer"], side["scaler"], micro_batches,
+                             cfg, device, amp_dtype)
+    if not torch.isfinite(loss).item():  # .item() also waits for the GPU
+        fail(f"{side['name']}: loss is {loss.item()} after {side['step']} steps")
+    return time.perf_counter() - t0, data_s, time.process_time() - cpu0
+
+
+def measure_round(side, cfg, data, device, amp_dtype, steps):
+    seconds, data_s, cpu_s = run_steps(side, steps, cfg, data, device, amp_dtype)
+    # CPU seconds per second: on a CPU run, fewer cores than threads means other processes took
+    # some of the machine during this round (so its tokens/s is low for a reason beyond the model).
+    side["rounds"].append({"tokens_per_s": steps * cfg["batch_size"] * cfg["seq_len"] / seconds,
+                           "data_ms": 1000 * data_s / steps, "cores": cpu_s / seconds})
+
+
+def warm_up(side, cfg, data, device, amp_dtype, warmup):
+    """The first step (build, compile, first allocations) is timed as first_step_s; the rest untimed."""
+    run_steps(side, 1, cfg, data, device, amp_dtype)
+    side["first_step_s"] = time.time() - side["build_start"]
+    if warmup > 1:
+        run_steps(side, warmup - 1, cfg, data, device, amp_dtype)
+
+
+# -----------------------------------------------------------------------------
+# Peak FLOP/s: measured with a large matmul, or from the datasheet table in train.py.
+
+PEAK_MATMUL_SIZE = {"cuda": 8192, "cpu": 3072}  # large enough to reach the peak, quick to run
+
+
+def measure_peak_flops(device, amp_dtype):
+    """Best FLOP/s of an n x n x n matmul in the run's dtype over three tries: what this device
+    actually delivers (a shared CPU's rate drifts, so it is measured every round; the best counts)."""
+    n = PEAK_MATMUL_SIZE[device.type]
+    reps = 20 if device.type == "cuda" else 1
+    dtype = amp_dtype or torch.float32
+    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
+    out = torch.mm(a, b)  # warm-up (and the output buffer)
+    best = 0.0
+    for _ in range(3):
+        out.sum().item()  # wait for the GPU
+        t0 = time.perf_counter()
+        for _ in range(reps):
+            torch.mm(a, b, out=out)
+        out.sum().item()
+        best = max(best, 2 * n**3 * reps / (time.perf_counter() - t0))
+    return best
+
+
+def device_name(device):
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    model = platform.processor() or "cpu"
+    if os.path.exists("/proc/cpuinfo"):
+        with open("/proc/cpuinfo") as f:
+            model = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), model)
+    return f"cpu: {model}, {torch.get_num_threads()} threads"
+
+
+# -----------------------------------------------------------------------------
+# Peak memory of Hugging Face's model, in a process of its own: a process's peak RSS only grows,
+# so measured in this one it would include ours (and ours is read before transformers is loaded).
+
+def hf_peak_memory_in_child(argv):
+    cmd = [sys.executable, os.path.abspath(__file__)] + argv + ["--_worker=hf"]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    lines = proc.stdout.strip().splitlines()
+    if proc.returncode != 0 or not lines:
+        print(f"warning: measuring HF's peak memory in a subprocess failed: {(proc.stderr.strip().splitlines() or ['?'])[-1]}")
+        return None
+    return json.loads(lines[-1])["peak_mem_mb"]
+
+
+def worker(cfg, args, data, device, amp_dtype):
+    """Hidden mode for the child above: warm-up and one round of one model, then its peak memory."""
+    side = make_side(args._worker, cfg, data, device, amp_dtype)
+    warm_up(side, cfg, data, device, amp_dtype, args.warmup)
+    run_steps(side, args.steps, cfg, data, device, amp_dtype)
+    print(json.dumps({"peak_mem_mb": round(peak_memory_mb(device), 1)}))
+    return 0
+
+
+# -----------------------------------------------------------------------------
+# The benchmark.
+
+def is_quiet(round_, device):
+    """Whether a round had the machine to itself: on CPU, this process got at least 90% of its
+    threads' time (other jobs on a shared machine slow the rest for reasons unrelated to the model)."""
+    return device.type != "cpu" or round_["cores"] >= 0.9 * torch.get_num_threads()
+
+
+def summarize(side, flops_per_token, peak, tokens_per_step, device):
+    """Medians over the quiet rounds, or over all rounds when none was quiet (quiet_rounds 0)."""
+    quiet = [r for r in side["rounds"] if is_quiet(r, device)]
+    rounds = quiet or side["rounds"]
+    tokens_per_s = statistics.median(r["tokens_per_s"] for r in rounds)
+    step_ms = 1000 * tokens_per_step / tokens_per_s  # the median round's, so the two agree
+    achieved = flops_per_token * tokens_per_s
+    return {"tokens_per_s": round(tokens_per_s, 1), "step_ms": round(step_ms, 2),
+            "achieved_tflops": round(achieved / 1e12, 4), "mfu": round(achieved / peak, 4) if peak else None,
+            "first_step_s": round(side["first_step_s"], 2),
+            "data_ms": round(statistics.median(r["data_ms"] for r in rounds), 3), "quiet_rounds": len(quiet),
+            "tokens_per_s_rounds": [round(r["tokens_per_s"], 1) for r in side["rounds"]],
+            "cores_used_rounds": [round(r["cores"], 2) for r in side["rounds"]]}
+
+
+def speedup(ours, hf, device):
+    """Ours / HF tokens/s: the median over rounds in which both were quiet (each pair ran back to
+    back, so saw the same machine); else the ratio of the two medians."""
+    pairs = [(a, b) for a, b in zip(ours["rounds"], hf["rounds"]) if is_quiet(a, device) and is_quiet(b, device)]
+    if pairs:
+        return statistics.median(a["tokens_per_s"] / b["tokens_per_s"] for a, b in pairs)
+    return None
+
+
+def bench(cfg, args, argv):
+    if "RANK" in os.environ or int(os.environ.get("SLURM_STEP_NUM_TASKS", 1)) > 1:
+        fail("bench.py measures one device: run it as a single process (not under torchrun or a multi-task srun)")
+    _, _, _, device = setup_distributed(cfg)
+    if device.type == "cuda":  # as train.py does
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    amp_dtype, precision = choose_precision(cfg, device)
+    data = open_data(cfg, args)
+    if args._worker:
+        return worker(cfg, args, data, device, amp_dtype)
+
+    ours = make_side("ours", cfg, data, device, amp_dtype)
+    warm_up(ours, cfg, data, device, amp_dtype, args.warmup)
+    startup_s = time.time() - START
+    measure_round(ours, cfg, data, device, amp_dtype, args.steps)
+    ours_mem = peak_memory_mb(device)  # read now: nothing else has been built in this process yet
+    hf = None
+    if args.compare == "hf":
+        hf = make_side("hf", cfg, data, device, amp_dtype)
+        if hf["params"] != ours["params"]:
+            fail(f"internal: HF model has {hf['params']} parameters, ours {ours['params']}")
+        warm_up(hf, cfg, data, device, amp_dtype, args.warmup)
+
+    peaks = []
+    for r in range(args.rounds):
+        if args.measure_peak:
+            peaks.append(measure_peak_flops(device, amp_dtype))
+        # Alternate who goes first (ours, hf | hf, ours | ...) so that neither always follows the
+        # peak probe or always runs at the same point of another job's cycle. Round 0 of ours ran above.
+        for side in ([ours, hf] if r % 2 == 0 else [hf, ours]):
+            if side is not None and not (side is ours and r == 0):
+                measure_round(side, cfg, data, device, amp_dtype, args.steps)
+
+    if peaks:
+        peak, peak_source = max(peaks), f"measured (best {PEAK_MATMUL_SIZE[device.type]}^3 matmul of {len(peaks)} rounds)"
+    else:
+        peak = peak_flops(device, amp_dtype)
+        peak_source = "datasheet bf16/fp16 dense peak" if peak else None
+    flops_per_token = ours["raw"].flops_per_token(cfg["seq_len"])
+    result = summarize(ours, flops_per_token, peak, cfg["batch_size"] * cfg["seq_len"], device)
+    result.update(flops_per_token=flops_per_token, peak_mem_mb=round(ours_mem, 1), startup_s=round(startup_s, 2),
+                  peak_tflops=round(peak / 1e12, 4) if peak else None, peak_source=peak_source,
+                  device=device_name(device), dtype=precision.split()[0], compile=cfg["compile"],
+                  params=ours["params"], tokens_per_step=cfg["batch_size"] * cfg["seq_len"],
+                  steps=args.steps, warmup=args.warmup, rounds=args.rounds, data=data[2])
+    if hf:
+        hf_result = summarize(hf, flops_per_token, peak, cfg["batch_size"] * cfg["seq_len"], device)
+        hf_result["peak_mem_mb"] = hf_peak_memory_in_child(argv)
+        result.update({f"hf_{key}": value for key, value in hf_result.items()})
+        paired = speedup(ours, hf, device)
+        result["speedup_vs_hf"] = round(paired or result["tokens_per_s"] / hf_result["tokens_per_s"], 3)
+        result["mem_ratio_vs_hf"] = (round(result["peak_mem_mb"] / hf_result["peak_mem_mb"], 3)
+                                     if hf_result["peak_mem_mb"] else None)
+    print_table(result, cfg, args, hf is not None)
+    print(json.dumps(result), flush=True)
+    return 0
+
+
+def print_table(res, cfg, args, with_hf):
+    print(f"bench: {args.config or '(defaults)'} | {res['device']} | {res['dtype']} | compile {res['compile']} | "
+          f"{res['params'] / 1e6:.2f}M parameters | {cfg['batch_size']} x {cfg['seq_len']} = {res['tokens_per_step']:,} "
+          f"tokens/step | {res['data']}")
+    line = f"{args.rounds} round(s) of {args.steps} step(s) after {args.warmup} warm-up step(s)"
+    if res["device"].startswith("cpu"):
+        counts = [res["quiet_rounds"]] + ([res["hf_quiet_rounds"]] if with_hf else [])
+        line += (f"; medians over the quiet rounds ({'/'.join(map(str, counts))}: this process got >= 90% of "
+                 f"{torch.get_num_threads()} cores)")
+        if 0 in counts:
+            line += "\nwarning: the machine was busy in every round of a model, so its medians are over all rounds and too low"
+    else:
+        line += "; medians over rounds"
+    print(line)
+    if res["peak_tflops"]:
+        print(f"peak: {res['peak_tflops']:.4g} TFLOP/s, {res['peak_source']}")
+    else:
+        print("peak: unknown for this device, so no MFU: pass --measure_peak")
+    rows = [("tokens/s", "tokens_per_s", "{:,.0f}"), ("step ms", "step_ms", "{:,.1f}"),
+            ("achieved TFLOP/s", "achieved_tflops", "{:.4g}"), ("MFU", "mfu", "{:.1%}"),
+            ("peak memory MB", "peak_mem_mb", "{:,.0f}"), ("first step s", "first_step_s", "{:.2f}"),
+            ("data ms/step", "data_ms", "{:.3f}")]
+    print(f"{'':<18}{'ours':>12}" + (f"{'hf':>12}{'ours/hf':>10}" if with_hf else ""))
+    for label, key, fmt in rows:
+        line = f"{label:<18}{fmt_or_dash(fmt, res[key]):>12}"
+        if with_hf:
+            hf_value = res[f"hf_{key}"]
+            ratio = res[key] / hf_value if hf_value and res[key] is not None and key != "mfu" else None
+            if key == "tokens_per_s":
+                ratio = res["speedup_vs_hf"]  # paired rounds: see speedup()
+            line += f"{fmt_or_dash(fmt, hf_value):>12}{fmt_or_dash('{:.2f}x', ratio):>10}"
+        print(line)
+    for prefix, name in (("", "ours"),) + ((("hf_", "hf"),) if with_hf else ()):
+        rounds = zip(res[prefix + "tokens_per_s_rounds"], res[prefix + "cores_used_rounds"])
+        print(f"{'rounds ' + name:<18}" + "  ".join(f"{t:,.0f} tok/s" + (f" ({c:.1f} cores)" if res["device"].startswith("cpu") else "")
+                                                for t, c in rounds))
+    print(f"flops/token {res['flops_per_token']:,} | data wait {100 * res['data_ms'] / res['step_ms']:.3f}% of a step | "
+          f"start-up to first step done {res['startup_s']:.1f} s")
+
+
+def fmt_or_dash(fmt, value):
+    return "-" if value is None else fmt.format(value)
+
+
+# -----------------------------------------------------------------------------
+# --prepare: prepare.py's tokenizing speed against tiktoken's own batch encoder.
+
+def bench_prepare(args):
+    import prepare
+    if not hasattr(prepare, "benchmark"):
+        fail("--prepare needs prepare.benchmark(...), which this prepare.py does not have")
+    try:
+        res = prepare.benchmark(args.prepare, tokenizer=args.tokenizer, rounds=args.rounds)
+    except RuntimeError as e:  # the prepare.py subprocess failed: its last error line says why
+        fail(f"--prepare {args.prepare}: {(str(e).strip().splitlines() or ['prepare.py failed'])[-1]}")
+    print(f"bench --prepare {args.prepare} | tokenizer {args.tokenizer} | {res.get('num_proc', '?')} processes | "
+          f"best of {args.rounds} interleaved round(s)")
+    rows = [("prepare.py end to end, tokens/s", "tokens_per_s", "{:,.0f}"),
+            ("tiktoken encode_ordinary_batch, tokens/s", "raw_tokens_per_s", "{:,.0f}"),
+            ("ratio (wall clock)", "ratio", "{:.1%}"), ("ratio (per CPU-second)", "cpu_ratio", "{:.1%}"),
+            ("peak RSS of all processes, MB", "peak_rss_mb", "{:,.0f}")]
+    for label, key, fmt in rows:
+        if key in res:
+            print(f"{label:<42}{fmt.format(res[key]):>14}")
+    print(json.dumps(res), flush=True)
+    return 0
+
+
+def parse_args(argv):
+    parser = argparse.ArgumentParser(
+        usage="python bench.py CONFIG.yaml [options] [--key=value ...]\n       python bench.py --prepare SRC [--tokenizer TOK] [--rounds N]",
+        description="Measure how fast a config trains: tokens/s, MFU, peak memory and start-up time, optionally\n"
+                    "side by side with Hugging Face's LlamaForCausalLM of the same shape. Settings come from the\n"
+                    "YAML file as in train.py, then --key=value overrides of any config key (`python train.py --help`).",
+        epilog="what is measured:\n"
+               "  every timed step is train.py's train_step on train.py's model, optimizer and data path\n"
+               "  (Sampler + get_windows), with the config's dtype, compile and gradient accumulation.\n"
+               "  tokens_per_s, step_ms  median over rounds; a round is --steps steps after the warm-up\n"
+               "  mfu                    flops_per_token x tokens/s / peak; the peak is measured (--measure_peak)\n"
+               f"                         or the datasheet bf16 peak of the GPU ({', '.join(GPU_PEAK_BF16_TFLOPS)})\n"
+               "  peak_mem_mb            CUDA: max allocated; CPU: peak RSS of the process (with --compare hf,\n"
+               "                         HF's is measured in a child process running only HF)\n"
+               "  first_step_s           model build + compile + first optimizer step; startup_s: the same\n"
+               "                         counted from process start (imports included)\n"
+               "  data_ms                time per step spent fetching the batch\n"
+               "the last line printed is one JSON object with all numbers (hf_* and speedup_vs_hf with --compare hf).",
+        formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
+    parser.add_argument("config", nargs="?", help="YAML config file, as for train.py (omit with --prepare)")
+    parser.add_argument("--job_idx", type=int, help="which job of a sweep config to measure")
+    parser.add_argument("--steps", type=int, default=5, help="measured optimizer steps per round (default 5)")
+    parser.add_argument("--warmup", type=int, default=2,
+                        help="untimed steps before measuring, at least 1; the first gives first_step_s (default 2)")
+    parser.add_argument("--rounds", type=int, default=3,
+                        help="measurement rounds, alternating ours and hf; numbers are medians over rounds (default 3); "
+                             "with --prepare, rounds of prepare.py and tiktoken, best of each")
+    parser.add_argument("--data", choices=("config", "dummy"), default="config",
+                        help="config: the config's data_dir train.bin; dummy: random tokens (default config)")
+    parser.add_argument("--vocab_size", type=int, help="vocabulary for --data dummy (default: data_dir's meta.json)")
+    parser.add_argument("--measure_peak", action="store_true",
+                        help="measure the peak FLOP/s with a large matmul in the run's dtype each round, for MFU "
+                             "(needed on CPUs; GPUs default to their datasheet peak)")
+    parser.add_argument("--compare", choices=("hf",),
+                        help="hf: also measure transformers.LlamaForCausalLM of the same shape, interleaved round by "
+                             "round; its peak memory is measured in a subprocess")
+    parser.add_argument("--prepare", metavar="SRC",
+                        help="instead: measure prepare.py's tokens/s on source SRC against tiktoken's "
+                             "encode_ordinary_batch on all cores")
+    parser.add_argument("--tokenizer", default="gpt2", help="tokenizer for --prepare (default gpt2)")
+    parser.add_argument("--_worker", choices=("ours", "hf"), help=argparse.SUPPRESS)
+    args, overrides = parser.parse_known_args(argv)
+    if not args.prepare and not args.config:
+        parser.error("give a config file (or --prepare SRC)")
+    for key in ("steps", "rounds", "warmup"):
+        if getattr(args, key) < 1:
+            parser.error(f"--{key} must be at least 1")
+    return args, overrides
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    args, overrides = parse_args(argv)
+    if args.prepare:
+        return bench_prepare(args)
+    cfg = load_config(args.config, overrides, args.job_idx)
+    return bench(cfg, args, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

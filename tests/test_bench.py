@@ -1,0 +1,83 @@
+"""Tests for bench.py: it runs end to end and reports sane numbers; --compare hf measures the
+same architecture. Tiny shapes only: the numbers are checked for consistency, never for speed."""
+import json
+import os
+
+import pytest
+import torch
+
+import bench
+from model import ModelConfig, Transformer
+
+CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "bench_cpu.yaml")
+TINY = [CONFIG, "--data", "dummy", "--vocab_size", "65", "--d_model=32", "--n_layers=2",
+        "--n_heads=2", "--seq_len=32", "--batch_size=4", "--micro_batch_size=2", "--steps", "2", "--warmup", "1"]
+
+
+def run_bench(capsys, argv):
+    assert bench.main(argv) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    return json.loads(lines[-1]), lines
+
+
+def test_bench_end_to_end(capsys, monkeypatch):
+    monkeypatch.setitem(bench.PEAK_MATMUL_SIZE, "cpu", 512)  # keep the peak probe quick
+    res, lines = run_bench(capsys, TINY + ["--rounds", "2", "--measure_peak"])
+    for key in ("tokens_per_s", "step_ms", "flops_per_token", "achieved_tflops", "mfu", "peak_mem_mb",
+                "first_step_s", "data_ms", "device", "dtype", "compile"):
+        assert key in res, key
+    assert res["device"].startswith("cpu") and res["dtype"] == "fp32" and res["compile"] is False
+    assert res["tokens_per_step"] == 4 * 32 and len(res["tokens_per_s_rounds"]) == 2
+    # The numbers agree with each other and with the model's own FLOP count.
+    expected_flops = Transformer(ModelConfig(vocab_size=65, d_model=32, n_layers=2, n_heads=2,
+                                             max_seq_len=32)).flops_per_token(32)
+    assert res["flops_per_token"] == expected_flops
+    assert res["tokens_per_s"] > 0
+    assert res["step_ms"] == pytest.approx(1000 * 4 * 32 / res["tokens_per_s"], rel=1e-3)
+    assert res["achieved_tflops"] == pytest.approx(expected_flops * res["tokens_per_s"] / 1e12, abs=1e-4)
+    assert 0 < res["mfu"] < 1.5 and res["peak_tflops"] > 0
+    assert res["peak_mem_mb"] > 50 and res["first_step_s"] > 0
+    assert 0 <= res["data_ms"] < res["step_ms"]
+    assert any(line.startswith("tokens/s") for line in lines)  # the human-readable table came first
+
+
+def test_dummy_data_needs_a_vocabulary(tmp_path):
+    argv = [CONFIG, "--data", "dummy", f"--data_dir={tmp_path}"]
+    with pytest.raises(SystemExit, match="--vocab_size"):
+        bench.main(argv)
+
+
+def hf_name(name):
+    """Our parameter name -> LlamaForCausalLM's (the layouts are the same; only names differ)."""
+    name = name.replace("tok_emb.", "model.embed_tokens.").replace("blocks.", "model.layers.")
+    for ours, theirs in (("attn_norm", "input_layernorm"), ("mlp_norm", "post_attention_layernorm"),
+                         ("attn.wq", "self_attn.q_proj"), ("attn.wk", "self_attn.k_proj"),
+                         ("attn.wv", "self_attn.v_proj"), ("attn.wo", "self_attn.o_proj"),
+                         ("mlp.w_gate", "mlp.gate_proj"), ("mlp.w_up", "mlp.up_proj"), ("mlp.w_down", "mlp.down_proj")):
+        name = name.replace(ours, theirs)
+    return "model.norm.weight" if name == "norm.weight" else name
+
+
+@pytest.mark.parametrize("overrides", [[], ["--n_kv_heads=1", "--tie_embeddings=false", "--rope_theta=500000"]])
+def test_hf_model_is_the_same_architecture(overrides):
+    """With our weights copied in, bench's HF model computes our logits: the comparison is fair."""
+    pytest.importorskip("transformers")
+    from train import load_config
+    cfg = load_config(CONFIG, ["--d_model=32", "--n_layers=2", "--n_heads=2", "--seq_len=16"] + overrides)
+    ours = Transformer(bench.model_config(cfg, 65))
+    hf, _ = bench.build_hf(cfg, 65, torch.device("cpu"))
+    hf.hf.load_state_dict({hf_name(k): v for k, v in ours.state_dict().items()}, strict=True)
+    x = torch.randint(0, 65, (2, 16), generator=torch.Generator().manual_seed(0))
+    our_logits, _ = ours(x)
+    hf_logits = hf.hf(input_ids=x).logits  # all padded_vocab columns; ours keeps the first 65
+    torch.testing.assert_close(hf_logits[..., :65], our_logits, atol=1e-5, rtol=1e-4)
+
+
+def test_compare_hf(capsys):
+    pytest.importorskip("transformers")
+    res, lines = run_bench(capsys, TINY + ["--rounds", "1", "--compare", "hf"])
+    for key in ("hf_tokens_per_s", "hf_step_ms", "hf_mfu", "hf_peak_mem_mb", "hf_first_step_s", "speedup_vs_hf"):
+        assert key in res, key
+    assert res["hf_tokens_per_s"] > 0 and res["hf_peak_mem_mb"] > 50  # measured in a child process
+    assert res["speedup_vs_hf"] == pytest.approx(res["tokens_per_s"] / res["hf_tokens_per_s"], rel=1e-2)
+    assert res["mfu"] is None  # no peak on a CPU without --measure_peak
