@@ -764,6 +764,13 @@ def train(cfg, overwrite=False):
 
         stopping = stop_requested(world, device)
         if last or stopping or (cfg["save_every"] and step % cfg["save_every"] == 0):
+            if loss_sum is not None:  # steps since the last log line: never checkpoint a diverged model
+                finite = torch.isfinite(loss_sum).float()
+                if world > 1:
+                    dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+                if not finite.item():
+                    fail(f"loss is not finite between steps {last_log_step + 1} and {step}; the last good checkpoint "
+                         f"is kept: lower lr or raise warmup_steps, then resume")
             save_checkpoint(run_dir, step, raw, optimizer, scaler, sampler, cfg, meta, rank, world, cfg["keep_last"])
             last_log_time = time.time()
         if stopping and not last:
