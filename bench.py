@@ -112,7 +112,7 @@ def make_side(name, cfg, data, device, amp_dtype):
         raw, model = build_model(cfg, vocab_size, device, 1, amp_dtype)
     else:
         raw, model = build_hf(cfg, vocab_size, device)
-    side = {"name": name, "raw": raw, "model": model, "optimizer": make_optimizer(raw, cfg, device),
+    side = {"name": name, "raw": raw, "model": model, "optimizer": make_optimizer(raw, cfg),
             "scaler": torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16),
             "sampler": Sampler(len(tokens), cfg["seq_len"], cfg["seed"]), "step": 0,
             "rounds": [], "build_start": t0}
@@ -251,7 +251,7 @@ def speedup(ours, hf, device):
 def bench(cfg, args, argv):
     if "RANK" in os.environ or int(os.environ.get("SLURM_STEP_NUM_TASKS", 1)) > 1:
         fail("bench.py measures one device: run it as a single process (not under torchrun or a multi-task srun)")
-    _, _, _, device = setup_distributed(cfg)
+    _, _, device = setup_distributed(cfg)
     if device.type == "cuda":  # as train.py does
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True

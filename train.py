@@ -317,7 +317,7 @@ def get_windows(tokens, ids, seq_len, device):
 # Devices, processes and precision.
 
 def setup_distributed(cfg):
-    """(rank, local_rank, world_size, device). torchrun sets RANK/WORLD_SIZE/LOCAL_RANK; srun
+    """(rank, world_size, device). torchrun sets RANK/WORLD_SIZE/LOCAL_RANK; srun
     launching one task per GPU sets SLURM_PROCID/SLURM_STEP_NUM_TASKS/SLURM_LOCALID instead."""
     env = os.environ
     if "RANK" in env:
@@ -344,7 +344,7 @@ def setup_distributed(cfg):
         # timeout. (torchrun and `srun --kill-on-bad-exit` stop them much sooner.)
         dist.init_process_group(backend="nccl" if use_cuda else "gloo", rank=rank, world_size=world,
                                 timeout=datetime.timedelta(minutes=15), device_id=device if use_cuda else None)
-    return rank, local_rank, world, device
+    return rank, world, device
 
 
 def choose_precision(cfg, device):
@@ -395,15 +395,14 @@ def build_model(cfg, vocab_size, device, world, amp_dtype):
     return raw, model
 
 
-def make_optimizer(raw, cfg, device):
-    # Decay matrices (embeddings, projections); never norm gains.
-    params = list({id(p): p for p in raw.parameters()}.values())
+def make_optimizer(raw, cfg):
+    # Decay matrices (embeddings, projections); never norm gains. parameters() lists a tied weight once.
+    params = list(raw.parameters())
     groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg["weight_decay"]},
               {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
-    # The fused kernel updates each tensor in one pass; on CPU it is ~10x faster than the default
-    # per-tensor loop (86 vs 940 ms per step for 10.7M parameters, measured with bench.py's shape).
-    fused = device.type in ("cuda", "cpu")
-    return torch.optim.AdamW(groups, lr=cfg["lr"], betas=(cfg["beta1"], cfg["beta2"]), eps=cfg["eps"], fused=fused)
+    # The fused kernel updates each tensor in one pass, on CUDA and on CPU (at bench.py's CPU shape
+    # it cut the optimizer step from about 32 to 13 ms).
+    return torch.optim.AdamW(groups, lr=cfg["lr"], betas=(cfg["beta1"], cfg["beta2"]), eps=cfg["eps"], fused=True)
 
 
 def no_grad_sync(model, raw, sync):
@@ -651,7 +650,7 @@ def stop_requested(world, device):
 # The training loop.
 
 def train(cfg, overwrite=False):
-    rank, local_rank, world, device = setup_distributed(cfg)
+    rank, world, device = setup_distributed(cfg)
     is_main = rank == 0
 
     def log(msg):
@@ -678,7 +677,7 @@ def train(cfg, overwrite=False):
     if cfg["parallelism"] == "fsdp" and amp_dtype == torch.float16:
         fail("fp16 with FSDP is not supported: use dtype bf16 (or fp32)")
     raw, model = build_model(cfg, meta["vocab_size"], device, world, amp_dtype)
-    optimizer = make_optimizer(raw, cfg, device)
+    optimizer = make_optimizer(raw, cfg)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
     sampler = Sampler(len(train_tokens), cfg["seq_len"], cfg["seed"])
 
