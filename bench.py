@@ -27,6 +27,7 @@ import sys
 import numpy as np
 import torch
 
+from model import linear
 from train import (GPU_PEAK_BF16_TFLOPS, Sampler, build_model, choose_precision, get_windows, load_config,
                    lr_at, make_optimizer, model_config, open_tokens, peak_flops, peak_memory_mb, read_meta,
                    setup_distributed, train_step)
@@ -164,21 +165,22 @@ PEAK_MATMUL_SIZE = {"cuda": 8192, "cpu": 3072}  # large enough to reach the peak
 
 
 def measure_peak_flops(device, amp_dtype):
-    """Best FLOP/s of an n x n x n matmul in the run's dtype over three tries: what this device
-    actually delivers (a shared CPU's rate drifts, so it is measured every round; the best counts)."""
+    """Best FLOP/s of an n x n x n matmul in the run's dtype, over three tries each of torch.mm
+    and of model.linear (which takes oneDNN on x86 CPUs): the most this device delivers through
+    either library (a shared CPU's rate drifts, so it is measured every round; the best counts)."""
     n = PEAK_MATMUL_SIZE[device.type]
     reps = 20 if device.type == "cuda" else 1
     dtype = amp_dtype or torch.float32
     a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
-    out = torch.mm(a, b)  # warm-up (and the output buffer)
     best = 0.0
-    for _ in range(3):
-        out.sum().item()  # wait for the GPU
-        t0 = time.perf_counter()
-        for _ in range(reps):
-            torch.mm(a, b, out=out)
-        out.sum().item()
-        best = max(best, 2 * n**3 * reps / (time.perf_counter() - t0))
+    for matmul in (torch.mm, linear):
+        matmul(a, b).sum().item()  # warm-up; .item() waits for the GPU
+        for _ in range(3):
+            t0 = time.perf_counter()
+            for _ in range(reps):
+                out = matmul(a, b)
+            out.sum().item()
+            best = max(best, 2 * n**3 * reps / (time.perf_counter() - t0))
     return best
 
 
@@ -283,7 +285,8 @@ def bench(cfg, args, argv):
                 measure_round(side, cfg, data, device, amp_dtype, args.steps)
 
     if peaks:
-        peak, peak_source = max(peaks), f"measured (best {PEAK_MATMUL_SIZE[device.type]}^3 matmul of {len(peaks)} rounds)"
+        peak, peak_source = max(peaks), (f"measured (best {PEAK_MATMUL_SIZE[device.type]}^3 matmul, torch.mm or "
+                                          f"model.linear, of {len(peaks)} rounds)")
     else:
         peak = peak_flops(device, amp_dtype)
         peak_source = "datasheet bf16/fp16 dense peak" if peak else None
@@ -291,7 +294,8 @@ def bench(cfg, args, argv):
     result = summarize(ours, flops_per_token, peak, cfg["batch_size"] * cfg["seq_len"], device)
     result.update(flops_per_token=flops_per_token, peak_mem_mb=round(ours_mem, 1), startup_s=round(startup_s, 2),
                   peak_tflops=round(peak / 1e12, 4) if peak else None, peak_source=peak_source,
-                  device=device_name(device), dtype=precision.split()[0], compile=cfg["compile"],
+                  device=device_name(device), precision=precision, compile=cfg["compile"],
+                  dtype={None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[amp_dtype],
                   params=ours["params"], tokens_per_step=cfg["batch_size"] * cfg["seq_len"],
                   steps=args.steps, warmup=args.warmup, rounds=args.rounds, data=data[2])
     if hf:
@@ -308,7 +312,7 @@ def bench(cfg, args, argv):
 
 
 def print_table(res, cfg, args, with_hf):
-    print(f"bench: {args.config or '(defaults)'} | {res['device']} | {res['dtype']} | compile {res['compile']} | "
+    print(f"bench: {args.config or '(defaults)'} | {res['device']} | {res['precision']} | compile {res['compile']} | "
           f"{res['params'] / 1e6:.2f}M parameters | {cfg['batch_size']} x {cfg['seq_len']} = {res['tokens_per_step']:,} "
           f"tokens/step | {res['data']}")
     line = f"{args.rounds} round(s) of {args.steps} step(s) after {args.warmup} warm-up step(s)"

@@ -32,6 +32,7 @@ import torch.nn.functional as F
 import yaml
 
 import sweep
+import model as model_lib
 from model import ModelConfig, Transformer
 
 # -----------------------------------------------------------------------------
@@ -352,13 +353,17 @@ def choose_precision(cfg, device):
     dtype = cfg["dtype"]
     if dtype == "auto":
         if device.type != "cuda":
-            return None, "fp32 (auto: this CPU has no fast bf16)"
+            return None, "fp32" + onednn_note(device) + " (auto: this CPU has no fast bf16)"
         if torch.cuda.is_bf16_supported():
             return torch.bfloat16, "bf16 autocast (auto: CUDA with bf16)"
         return torch.float16, "fp16 autocast + loss scaling (auto: this GPU has no bf16)"
     if dtype == "fp32":
-        return None, "fp32"
+        return None, "fp32" + onednn_note(device)
     return {"bf16": torch.bfloat16, "fp16": torch.float16}[dtype], f"{dtype} autocast"
+
+
+def onednn_note(device):
+    return ", matmuls by oneDNN" if device.type == "cpu" and model_lib.ONEDNN else ""
 
 
 def autocast(device, amp_dtype):

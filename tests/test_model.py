@@ -6,7 +6,8 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
-from model import KVCache, ModelConfig, Transformer, apply_rope, rope_tables
+import model as model_lib
+from model import KVCache, ModelConfig, RMSNormFunction, SwiGLUDown, Transformer, apply_rope, rope_tables
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -149,6 +150,96 @@ def test_forward_matches_hand_written_reference(overrides):
                 p.uniform_(0.5, 1.5)
     idx = random_tokens((2, 12), 100)
     torch.testing.assert_close(model(idx)[0], reference_forward(model, idx), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("overrides", VARIANTS)
+def test_gradients_match_hand_written_reference(overrides):
+    """The hand-written backward passes (RMSNorm, SwiGLU + down projection, oneDNN matmuls)
+    give the gradients autograd finds for the plain reference above."""
+    model = scramble(make_model(rope_theta=500.0, **overrides))
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 1:
+                p.uniform_(0.5, 1.5)
+    idx, targets = random_tokens((2, 12), 100), random_tokens((2, 12), 100, seed=2)
+    model(idx, targets)[1].backward()
+    grads = {name: p.grad.clone() for name, p in model.named_parameters()}
+    model.zero_grad()
+    logits = reference_forward(model, idx)
+    torch.nn.functional.cross_entropy(logits.flatten(0, 1), targets.flatten()).backward()
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(grads[name], p.grad, rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_gradients_under_bf16_autocast_match_reference():
+    """GPUs train under bf16 autocast: the hand-written backwards must get its dtypes right
+    there too (checked with CPU autocast; bf16 rounding makes the tolerance loose)."""
+    model = scramble(make_model(), std=0.1)
+    idx, targets = random_tokens((2, 12), 100), random_tokens((2, 12), 100, seed=2)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = model(idx, targets)[1]
+    loss.backward()
+    grads = {name: p.grad.clone() for name, p in model.named_parameters()}
+    model.zero_grad()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = reference_forward(model, idx)
+    torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), targets.flatten()).backward()
+    for name, p in model.named_parameters():
+        assert grads[name].dtype == torch.float32, name
+        torch.testing.assert_close(grads[name], p.grad, rtol=0.05, atol=0.05 * p.grad.abs().max().item(), msg=name)
+
+
+def test_custom_backwards_pass_gradcheck():
+    """Finite differences in float64 (where linear() uses F.linear), with odd shapes."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 5, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(5, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda x, w: RMSNormFunction.apply(x, w, 1e-5), (x, weight))
+    gate, up = (torch.randn(2, 3, 7, dtype=torch.float64, requires_grad=True) for _ in range(2))
+    w_down = torch.randn(5, 7, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(SwiGLUDown.apply, (gate, up, w_down))
+
+
+@pytest.mark.skipif(not model_lib.ONEDNN, reason="oneDNN matmuls are used on x86 CPUs only")
+def test_onednn_linear_matches_f_linear():
+    torch.manual_seed(0)
+    x = torch.randn(3, 50, 96, requires_grad=True)
+    weight = torch.randn(160, 96, requires_grad=True)
+    out = model_lib.linear(x, weight)
+    grad = torch.randn_like(out)
+    out.backward(grad)
+    got = (out.detach(), x.grad.clone(), weight.grad.clone())
+    x.grad = weight.grad = None
+    want_out = torch.nn.functional.linear(x, weight)
+    want_out.backward(grad)
+    for a, b in zip(got, (want_out.detach(), x.grad, weight.grad)):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-4)
+
+
+def test_backward_keeps_few_activations():
+    """What one forward pass keeps for backward: per layer, the block input and normed input
+    of each half, q, k, v, the attention output, and the SwiGLU's gate and up; nothing more
+    (stock RMSNorm and SwiGLU would keep four more tensors per layer)."""
+    model = make_model(d_model=64, d_ff=256, n_layers=3, max_seq_len=128)
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    params |= {b.untyped_storage().data_ptr() for b in model.buffers()}
+    saved = {}
+
+    def pack(t):
+        if t.untyped_storage().data_ptr() not in params:
+            saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    B, T, c = 4, 128, model.cfg
+    idx = random_tokens((B, T), 100)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model(idx, idx)
+    activation = B * T * c.d_model * 4
+    big = [n for n in saved.values() if n >= activation]
+    per_layer = 8 * activation + 2 * B * T * c.d_ff * 4
+    final = 2 * activation + B * T * c.padded_vocab * 4  # final norm's input and output, the logits
+    assert sum(big) <= c.n_layers * per_layer + final, (sum(big), c.n_layers * per_layer + final)
+    assert len(big) <= c.n_layers * 10 + 3
 
 
 def test_gqa_equals_mha_with_repeated_kv_heads():
@@ -404,7 +495,8 @@ def hand_flops_per_token(c, seq_len):
 
 
 @pytest.mark.parametrize("overrides", VARIANTS)
-def test_flops_per_token(overrides):
+def test_flops_per_token(overrides, monkeypatch):
+    monkeypatch.setattr(model_lib, "ONEDNN", False)  # the FLOP counter sees F.linear, not oneDNN's op
     model = make_model(**overrides)
     seq_len = 32
     assert model.flops_per_token(seq_len) == hand_flops_per_token(model.cfg, seq_len)
