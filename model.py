@@ -72,25 +72,53 @@ def rope_tables(head_dim, max_seq_len, theta):
     return angles.cos(), angles.sin()
 
 
-def apply_rope(x, cos, sin):
-    """Rotate each (i, i + head_dim/2) pair of x (B, H, T, head_dim) by its position's angle."""
-    x1, x2 = x.float().chunk(2, dim=-1)
-    rotated = torch.cat((-x2, x1), dim=-1)
-    return (x.float() * cos + rotated * sin).type_as(x)
-
-
 # -----------------------------------------------------------------------------
-# Three building blocks written out by hand: the stock versions keep more in memory or run slower.
+# Four building blocks written out by hand (RoPE, linear, RMSNorm, SwiGLU + down projection):
+# the stock versions keep more activations for backward or run slower (measured with bench.py).
+
+def rotate(x, cos, sin, direction=1):
+    """x * cos + rotate_half(x) * sin, with rotate_half(x) = (-x2, x1) for the halves x1, x2 of
+    the last dimension: each (i, i + head_dim/2) pair turned by its angle (direction -1 turns
+    it back). In fp32 (or better), in three passes over x."""
+    half = x.shape[-1] // 2
+    x_up = x.to(torch.promote_types(x.dtype, torch.float32))
+    out = x_up * cos
+    out[..., :half].addcmul_(x_up[..., half:], sin[..., :half], value=-direction)
+    out[..., half:].addcmul_(x_up[..., :half], sin[..., half:], value=direction)
+    return out.type_as(x)
+
+
+class RoPE(torch.autograd.Function):
+    """Rotary position embedding of x (B, H, T, head_dim). The gradient of a rotation is the
+    rotation back, so backward keeps only the tables; autograd through the usual cat/neg/mul
+    formula keeps nothing either but makes about ten passes over x where this makes six."""
+
+    @staticmethod
+    def forward(ctx, x, cos, sin):
+        ctx.save_for_backward(cos, sin)
+        return rotate(x, cos, sin)
+
+    @staticmethod
+    def backward(ctx, grad):
+        cos, sin = ctx.saved_tensors
+        return rotate(grad, cos, sin, direction=-1), None, None
+
+
+def apply_rope(x, cos, sin):
+    return RoPE.apply(x, cos, sin)
+
 
 # On x86 CPUs, fp32 `x @ weight.T` goes through oneDNN rather than MKL (torch's default): oneDNN
-# uses AVX-512 on AMD as on Intel and measured 10-15% faster on this model's shapes (bench.py).
+# uses AVX-512 on AMD as on Intel. Measured on an AMD EPYC: 10-15% faster per matmul at this
+# model's shapes, 5-10% per training step (bench.py). Weight gradients stay with MKL, faster there.
 ONEDNN = (platform.machine().lower() in ("x86_64", "amd64") and torch.backends.mkldnn.is_available()
           and hasattr(torch.ops.mkldnn, "_linear_pointwise"))
 
 
 @torch.library.custom_op("plainlm::onednn_linear", mutates_args=())
 def onednn_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    return torch.ops.mkldnn._linear_pointwise(x.contiguous(), weight.contiguous(), None, "none", [], "")
+    # A transposed weight (backward's) is read in place: measured faster than copying it first.
+    return torch.ops.mkldnn._linear_pointwise(x.contiguous(), weight, None, "none", [], "")
 
 
 @onednn_linear.register_fake  # output shape, for torch.compile's tracing

@@ -96,6 +96,12 @@ def rms_norm(x, weight, eps=1e-5):
     return x * torch.rsqrt(x.pow(2).mean(dim=-1, keepdim=True) + eps) * weight
 
 
+def reference_rope(x, cos, sin):
+    """RoPE as the usual one-liner, left to autograd (model.py writes its backward by hand)."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+
+
 def reference_attention(attn, x, cos, sin):
     """Plain multi-head attention written out by hand, each group of query heads sharing one
     key/value head (k and v repeated per group, as HF's repeat_kv does)."""
@@ -106,7 +112,7 @@ def reference_attention(attn, x, cos, sin):
     v = (x @ attn.wv.weight.T).view(B, T, KV, D).transpose(1, 2)
     if attn.qk_norm:
         q, k = rms_norm(q, attn.q_norm.weight), rms_norm(k, attn.k_norm.weight)
-    q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+    q, k = reference_rope(q, cos, sin), reference_rope(k, cos, sin)
     k, v = k.repeat_interleave(H // KV, dim=1), v.repeat_interleave(H // KV, dim=1)
     scores = q @ k.transpose(-2, -1) / math.sqrt(D)
     scores = scores.masked_fill(torch.ones(T, T, dtype=torch.bool).triu(1), float("-inf"))
@@ -198,6 +204,9 @@ def test_custom_backwards_pass_gradcheck():
     gate, up = (torch.randn(2, 3, 7, dtype=torch.float64, requires_grad=True) for _ in range(2))
     w_down = torch.randn(5, 7, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(SwiGLUDown.apply, (gate, up, w_down))
+    cos, sin = (t.double() for t in rope_tables(6, 4, 100.0))
+    q = torch.randn(2, 3, 4, 6, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda q: apply_rope(q, cos, sin), (q,))
 
 
 @pytest.mark.skipif(not model_lib.ONEDNN, reason="oneDNN matmuls are used on x86 CPUs only")
