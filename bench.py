@@ -165,22 +165,24 @@ PEAK_MATMUL_SIZE = {"cuda": 8192, "cpu": 3072}  # large enough to reach the peak
 
 
 def measure_peak_flops(device, amp_dtype):
-    """Best FLOP/s of an n x n x n matmul in the run's dtype, over three tries each of torch.mm
-    and of model.linear (which takes oneDNN on x86 CPUs): the most this device delivers through
-    either library (a shared CPU's rate drifts, so it is measured every round; the best counts)."""
+    """{"mm": FLOP/s, "linear": FLOP/s}: the best of three n x n x n matmuls in the run's dtype
+    through torch.mm and through model.linear (oneDNN on x86 CPUs, where it beats torch.mm's
+    MKL). The larger is what this device can deliver. A shared CPU's rate drifts, so this is
+    measured every round and the best round counts."""
     n = PEAK_MATMUL_SIZE[device.type]
     reps = 20 if device.type == "cuda" else 1
     dtype = amp_dtype or torch.float32
     a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
-    best = 0.0
-    for matmul in (torch.mm, linear):
+    best = {}
+    for name, matmul in (("mm", torch.mm), ("linear", linear)):
         matmul(a, b).sum().item()  # warm-up; .item() waits for the GPU
+        best[name] = 0.0
         for _ in range(3):
             t0 = time.perf_counter()
             for _ in range(reps):
                 out = matmul(a, b)
             out.sum().item()
-            best = max(best, 2 * n**3 * reps / (time.perf_counter() - t0))
+            best[name] = max(best[name], 2 * n**3 * reps / (time.perf_counter() - t0))
     return best
 
 
@@ -284,9 +286,11 @@ def bench(cfg, args, argv):
             if side is not None and not (side is ours and r == 0):
                 measure_round(side, cfg, data, device, amp_dtype, args.steps)
 
+    peak_mm = max(p["mm"] for p in peaks) if peaks else None
     if peaks:
-        peak, peak_source = max(peaks), (f"measured (best {PEAK_MATMUL_SIZE[device.type]}^3 matmul, torch.mm or "
-                                          f"model.linear, of {len(peaks)} rounds)")
+        peak = max(max(p.values()) for p in peaks)
+        peak_source = (f"measured: best {PEAK_MATMUL_SIZE[device.type]}^3 matmul of {len(peaks)} rounds, through "
+                       f"torch.mm {peak_mm / 1e12:.4g} or model.linear {max(p['linear'] for p in peaks) / 1e12:.4g}")
     else:
         peak = peak_flops(device, amp_dtype)
         peak_source = "datasheet bf16/fp16 dense peak" if peak else None
@@ -294,6 +298,8 @@ def bench(cfg, args, argv):
     result = summarize(ours, flops_per_token, peak, cfg["batch_size"] * cfg["seq_len"], device)
     result.update(flops_per_token=flops_per_token, peak_mem_mb=round(ours_mem, 1), startup_s=round(startup_s, 2),
                   peak_tflops=round(peak / 1e12, 4) if peak else None, peak_source=peak_source,
+                  peak_mm_tflops=round(peak_mm / 1e12, 4) if peak_mm else None,
+                  mfu_vs_mm=round(flops_per_token * result["tokens_per_s"] / peak_mm, 4) if peak_mm else None,
                   device=device_name(device), precision=precision, compile=cfg["compile"],
                   dtype={None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[amp_dtype],
                   params=ours["params"], tokens_per_step=cfg["batch_size"] * cfg["seq_len"],
@@ -327,6 +333,8 @@ def print_table(res, cfg, args, with_hf):
     print(line)
     if res["peak_tflops"]:
         print(f"peak: {res['peak_tflops']:.4g} TFLOP/s, {res['peak_source']}")
+        if res["mfu_vs_mm"] is not None and res["peak_mm_tflops"] < res["peak_tflops"]:
+            print(f"      (MFU below is against the faster one; against torch.mm's alone ours would be {res['mfu_vs_mm']:.1%})")
     else:
         print("peak: unknown for this device, so no MFU: pass --measure_peak")
     rows = [("tokens/s", "tokens_per_s", "{:,.0f}"), ("step ms", "step_ms", "{:,.1f}"),
@@ -389,7 +397,8 @@ def parse_args(argv):
                "  every timed step is train.py's train_step on train.py's model, optimizer and data path\n"
                "  (Sampler + get_windows), with the config's dtype, compile and gradient accumulation.\n"
                "  tokens_per_s, step_ms  median over rounds; a round is --steps steps after the warm-up\n"
-               "  mfu                    flops_per_token x tokens/s / peak; the peak is measured (--measure_peak)\n"
+               "  mfu                    flops_per_token x tokens/s / peak; the peak is measured (--measure_peak;\n"
+               "                         mfu_vs_mm: against torch.mm's alone)\n"
                f"                         or the datasheet bf16 peak of the GPU ({', '.join(GPU_PEAK_BF16_TFLOPS)})\n"
                "  peak_mem_mb            CUDA: max allocated; CPU: peak RSS of the process (with --compare hf,\n"
                "                         HF's is measured in a child process running only HF)\n"
@@ -410,8 +419,9 @@ def parse_args(argv):
                         help="config: the config's data_dir train.bin; dummy: random tokens (default config)")
     parser.add_argument("--vocab_size", type=int, help="vocabulary for --data dummy (default: data_dir's meta.json)")
     parser.add_argument("--measure_peak", action="store_true",
-                        help="measure the peak FLOP/s with a large matmul in the run's dtype each round, for MFU "
-                             "(needed on CPUs; GPUs default to their datasheet peak)")
+                        help="measure the peak FLOP/s with a large matmul in the run's dtype each round, through "
+                             "torch.mm and model.linear (the faster counts), for MFU (needed on CPUs; GPUs default "
+                             "to their datasheet peak)")
     parser.add_argument("--compare", choices=("hf",),
                         help="hf: also measure transformers.LlamaForCausalLM of the same shape, interleaved round by "
                              "round; its peak memory is measured in a subprocess")
