@@ -31,8 +31,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 import yaml
 
-import sweep
 import model as model_lib
+import sweep
 from model import ModelConfig, Transformer
 
 # -----------------------------------------------------------------------------
