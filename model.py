@@ -90,8 +90,9 @@ def rotate(x, cos, sin, direction=1):
 
 class RoPE(torch.autograd.Function):
     """Rotary position embedding of x (B, H, T, head_dim). The gradient of a rotation is the
-    rotation back, so backward keeps only the tables; autograd through the usual cat/neg/mul
-    formula keeps nothing either but makes about ten passes over x where this makes six."""
+    rotation back (rotate() with direction -1, which relies on rope_tables repeating each angle
+    in both halves), so backward keeps only the tables. Autograd through the usual cat/neg/mul
+    formula makes about ten passes over x where this makes six."""
 
     @staticmethod
     def forward(ctx, x, cos, sin):
