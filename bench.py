@@ -286,9 +286,9 @@ def bench(cfg, args, argv):
             if side is not None and not (side is ours and r == 0):
                 measure_round(side, cfg, data, device, amp_dtype, args.steps)
 
-    peak_mm = max(p["mm"] for p in peaks) if peaks else None
+    peak_mm = None
     if peaks:
-        peak = max(max(p.values()) for p in peaks)
+        peak_mm, peak = max(p["mm"] for p in peaks), max(max(p.values()) for p in peaks)
         peak_source = (f"measured: best {PEAK_MATMUL_SIZE[device.type]}^3 matmul of {len(peaks)} rounds, through "
                        f"torch.mm {peak_mm / 1e12:.4g} or model.linear {max(p['linear'] for p in peaks) / 1e12:.4g}")
     else:

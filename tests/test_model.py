@@ -160,8 +160,8 @@ def test_forward_matches_hand_written_reference(overrides):
 
 @pytest.mark.parametrize("overrides", VARIANTS)
 def test_gradients_match_hand_written_reference(overrides):
-    """The hand-written backward passes (RMSNorm, SwiGLU + down projection, oneDNN matmuls)
-    give the gradients autograd finds for the plain reference above."""
+    """The hand-written backward passes (RoPE, RMSNorm, SwiGLU + down projection, oneDNN
+    matmuls) give the gradients autograd finds for the plain reference above."""
     model = scramble(make_model(rope_theta=500.0, **overrides))
     with torch.no_grad():
         for p in model.parameters():
