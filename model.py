@@ -7,30 +7,39 @@
 No biases, no dropout. Attention goes through F.scaled_dot_product_attention so CUDA
 picks the flash / memory-efficient kernels. Parameter names and the rotate-half RoPE
 layout match Hugging Face's Llama, so export.py copies weights without permuting them.
+
+This file is the plain reference: edit it to try an idea. fast_ops.py holds faster,
+leaner versions of a few modules (same math, hand-written backwards); Transformer swaps
+them in where they are measured to pay, see `use_fast_ops` below.
 """
 import math
-import platform
-from dataclasses import dataclass
+import os
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 
+def option(default, help):
+    """A ModelConfig field. train.py's config table takes its keys, defaults, types and help from here."""
+    return field(default=default, metadata={"help": help})
+
+
 @dataclass
 class ModelConfig:
-    vocab_size: int = 50257
-    d_model: int = 768
-    n_layers: int = 12
-    n_heads: int = 12
-    n_kv_heads: int | None = None  # None: same as n_heads (plain multi-head attention)
-    d_ff: int | None = None  # None: derived from d_model, see __post_init__
-    mlp: str = "glu"  # "glu" (SwiGLU) or "relu2" (squared ReLU)
-    tie_embeddings: bool = True
-    qk_norm: bool = False
-    rope_theta: float = 10000.0
-    norm_eps: float = 1e-5
-    max_seq_len: int = 1024  # length of the precomputed RoPE tables
+    vocab_size: int = option(50257, "set by train.py from the data's meta.json")
+    d_model: int = option(384, "width of the residual stream")
+    n_layers: int = option(6, "number of Transformer blocks")
+    n_heads: int = option(6, "attention heads")
+    n_kv_heads: int | None = option(None, "key/value heads for grouped-query attention (null: n_heads)")
+    d_ff: int | None = option(None, "feed-forward width (null: 8/3 d_model for glu, 4 d_model for relu2, rounded up to 64)")
+    mlp: str = option("glu", "feed-forward type: glu (SwiGLU) or relu2 (squared ReLU)")
+    tie_embeddings: bool = option(False, "share the token embedding with the LM head")
+    qk_norm: bool = option(False, "RMSNorm on queries and keys per head")
+    rope_theta: float = option(10000.0, "RoPE base")
+    norm_eps: float = option(1e-5, "RMSNorm epsilon")
+    max_seq_len: int = option(1024, "set by train.py to seq_len: the length of the RoPE tables")
 
     def __post_init__(self):
         if self.n_kv_heads is None:
@@ -65,149 +74,35 @@ class ModelConfig:
 
 
 def rope_tables(head_dim, max_seq_len, theta):
-    """cos/sin of every (position, frequency) pair, in fp32, laid out for rotate_half."""
+    """cos/sin of every (position, frequency) pair, in fp32, laid out for rotate-half."""
     inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
     angles = torch.outer(torch.arange(max_seq_len, dtype=torch.float32), inv_freq)
-    angles = torch.cat((angles, angles), dim=-1)  # (T, head_dim)
+    angles = torch.cat((angles, angles), dim=-1)  # (T, head_dim): both halves of a pair share an angle
     return angles.cos(), angles.sin()
 
 
-# -----------------------------------------------------------------------------
-# Four building blocks written out by hand (RoPE, linear, RMSNorm, SwiGLU + down projection):
-# the stock versions keep more activations for backward or run slower (measured with bench.py).
-
-def rotate(x, cos, sin, direction=1):
-    """x * cos + rotate_half(x) * sin, with rotate_half(x) = (-x2, x1) for the halves x1, x2 of
-    the last dimension: each (i, i + head_dim/2) pair turned by its angle (direction -1 turns
-    it back). In fp32 (or better), in three passes over x."""
-    half = x.shape[-1] // 2
-    x_up = x.to(torch.promote_types(x.dtype, torch.float32))
-    out = x_up * cos
-    out[..., :half].addcmul_(x_up[..., half:], sin[..., :half], value=-direction)
-    out[..., half:].addcmul_(x_up[..., :half], sin[..., half:], value=direction)
-    return out.type_as(x)
-
-
-class RoPE(torch.autograd.Function):
-    """Rotary position embedding of x (B, H, T, head_dim). The gradient of a rotation is the
-    rotation back (rotate() with direction -1, which relies on rope_tables repeating each angle
-    in both halves), so backward keeps only the tables. Autograd through the usual cat/neg/mul
-    formula makes about ten passes over x where this makes six."""
-
-    @staticmethod
-    def forward(ctx, x, cos, sin):
-        ctx.save_for_backward(cos, sin)
-        return rotate(x, cos, sin)
-
-    @staticmethod
-    def backward(ctx, grad):
-        cos, sin = ctx.saved_tensors
-        return rotate(grad, cos, sin, direction=-1), None, None
-
-
 def apply_rope(x, cos, sin):
-    return RoPE.apply(x, cos, sin)
-
-
-# On x86 CPUs, fp32 `x @ weight.T` goes through oneDNN rather than MKL (torch's default): oneDNN
-# uses AVX-512 on AMD as on Intel. Measured on an AMD EPYC: 10-15% faster per matmul at this
-# model's shapes, 5-10% per training step (bench.py). Weight gradients stay with MKL, faster there.
-ONEDNN = (platform.machine().lower() in ("x86_64", "amd64") and torch.backends.mkldnn.is_available()
-          and hasattr(torch.ops.mkldnn, "_linear_pointwise"))
-
-
-@torch.library.custom_op("plainlm::onednn_linear", mutates_args=())
-def onednn_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    # A transposed weight (backward's) is read in place: measured faster than copying it first.
-    return torch.ops.mkldnn._linear_pointwise(x.contiguous(), weight, None, "none", [], "")
-
-
-@onednn_linear.register_fake  # output shape, for torch.compile's tracing
-def _(x, weight):
-    return x.new_empty((*x.shape[:-1], weight.shape[0]))
-
-
-def _onednn_linear_backward(ctx, grad):
-    x, weight = ctx.saved_tensors
-    grad_x = onednn_linear(grad, weight.t()) if ctx.needs_input_grad[0] else None
-    grad_weight = grad.flatten(0, -2).t() @ x.flatten(0, -2)  # MKL is the faster one for this layout
-    return grad_x, grad_weight
-
-
-onednn_linear.register_autograd(_onednn_linear_backward,
-                                setup_context=lambda ctx, inputs, output: ctx.save_for_backward(*inputs))
-
-
-def linear(x, weight):
-    """x @ weight.T, through oneDNN for fp32 on x86 CPUs, else F.linear (GPUs, autocast, others)."""
-    if (ONEDNN and x.device.type == "cpu" and x.dtype == weight.dtype == torch.float32
-            and not torch.is_autocast_enabled("cpu")):
-        return onednn_linear(x, weight)
-    return F.linear(x, weight)
-
-
-class Linear(nn.Linear):
-    """nn.Linear without bias that multiplies through linear() above."""
-
-    def __init__(self, d_in, d_out):
-        super().__init__(d_in, d_out, bias=False)
-
-    def forward(self, x):
-        return linear(x, self.weight)
-
-
-class RMSNormFunction(torch.autograd.Function):
-    """x / rms(x) * weight, computed in fp32 (or better). Backward keeps x and 1/rms(x) only;
-    the stock version also keeps x / rms(x), one more activation-sized tensor per norm."""
-
-    @staticmethod
-    def forward(ctx, x, weight, eps):
-        x_up = x.to(torch.promote_types(x.dtype, torch.float32))
-        rstd = torch.rsqrt(x_up.square().mean(-1, keepdim=True) + eps)
-        ctx.save_for_backward(x, weight, rstd)
-        return (x_up * rstd).type_as(x) * weight
-
-    @staticmethod
-    def backward(ctx, grad):
-        x, weight, rstd = ctx.saved_tensors
-        x_hat, grad = x.to(rstd.dtype) * rstd, grad.to(rstd.dtype)
-        grad_weight = (grad * x_hat).flatten(0, -2).sum(0)
-        grad_x_hat = grad * weight
-        grad_x = rstd * (grad_x_hat - x_hat * (grad_x_hat * x_hat).mean(-1, keepdim=True))
-        return grad_x.type_as(x), grad_weight.type_as(weight), None
+    """Rotary position embedding of x (B, H, T, head_dim): each pair (i, i + head_dim/2) of the
+    last dimension is turned by its position's angle. Computed in fp32 whatever the autocast."""
+    x_up = x.float()
+    x1, x2 = x_up.chunk(2, dim=-1)
+    return (x_up * cos + torch.cat((-x2, x1), dim=-1) * sin).type_as(x)
 
 
 class RMSNorm(nn.Module):
+    """x / rms(x) * weight, normalised in fp32 whatever the autocast."""
+
     def __init__(self, dim, eps):
         super().__init__()
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x):
-        return RMSNormFunction.apply(x, self.weight, self.eps)
+        return F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).type_as(x) * self.weight
 
 
-class SwiGLUDown(torch.autograd.Function):
-    """(silu(gate) * up) @ w_down.T. Backward keeps gate and up only and recomputes the rest:
-    stock autograd would also keep silu(gate) and the product, two more (tokens x d_ff)
-    tensors per layer (the largest activations), for two cheap elementwise ops."""
-
-    @staticmethod
-    def forward(ctx, gate, up, w_down):
-        ctx.save_for_backward(gate, up, w_down)
-        return linear(F.silu(gate) * up, w_down)
-
-    @staticmethod
-    def backward(ctx, grad):
-        gate, up, w_down = ctx.saved_tensors
-        # Backward runs outside autocast: work in the activations' dtype, as the forward did.
-        silu = F.silu(gate)
-        grad_hidden = linear(grad, w_down.to(grad.dtype).t())
-        grad_w_down = (grad.flatten(0, -2).t() @ (silu * up).flatten(0, -2).to(grad.dtype)).to(w_down.dtype)
-        grad_up = grad_hidden * silu
-        del silu  # (tokens x d_ff) temporaries are this backward's peak: free each one early
-        grad_gate = torch.ops.aten.silu_backward(grad_hidden.mul_(up), gate)
-        return grad_gate, grad_up, grad_w_down
+def Linear(d_in, d_out):
+    return nn.Linear(d_in, d_out, bias=False)
 
 
 class KVCache:
@@ -239,6 +134,9 @@ class Attention(nn.Module):
             self.q_norm = RMSNorm(cfg.head_dim, cfg.norm_eps)
             self.k_norm = RMSNorm(cfg.head_dim, cfg.norm_eps)
 
+    def rope(self, x, cos, sin):
+        return apply_rope(x, cos, sin)
+
     def forward(self, x, cos, sin, cache=None):
         B, T, _ = x.shape
         q = self.wq(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
@@ -246,7 +144,7 @@ class Attention(nn.Module):
         v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
         if self.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        q, k = self.rope(q, cos, sin), self.rope(k, cos, sin)
         # With a cache, a prompt starts at position 0 (causal) and every later call adds one
         # token that may see everything before it (no mask needed).
         causal = cache is None or cache.pos == 0
@@ -258,6 +156,8 @@ class Attention(nn.Module):
 
 
 class FeedForward(nn.Module):
+    """SwiGLU: w_down(silu(w_gate x) * w_up x), or squared ReLU: w_down(relu(w_up x)^2)."""
+
     def __init__(self, cfg):
         super().__init__()
         self.glu = cfg.mlp == "glu"
@@ -268,7 +168,7 @@ class FeedForward(nn.Module):
 
     def forward(self, x):
         if self.glu:
-            return SwiGLUDown.apply(self.w_gate(x), self.w_up(x), self.w_down.weight)
+            return self.w_down(F.silu(self.w_gate(x)) * self.w_up(x))
         return self.w_down(F.relu(self.w_up(x)).square())
 
 
@@ -286,7 +186,7 @@ class Block(nn.Module):
 
 
 class Transformer(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, fast_ops=True):
         super().__init__()
         self.cfg = cfg
         self.tok_emb = nn.Embedding(cfg.padded_vocab, cfg.d_model)
@@ -300,6 +200,9 @@ class Transformer(nn.Module):
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
         self.reset_parameters()
+        if use_fast_ops(fast_ops):
+            import fast_ops as fast  # swaps RMSNorm, Linear, RoPE and SwiGLU for fast_ops.py's versions
+            fast.install(self)
 
     def reset_parameters(self):
         """Matrices N(0, 0.02); each block's two residual output projections scaled by
@@ -391,3 +294,11 @@ class Transformer(nn.Module):
             else:
                 logits, _ = self(next_tok, cache=cache)
         return idx
+
+
+def use_fast_ops(requested=True):
+    """The one switch for fast_ops.py: on unless turned off here (Transformer(cfg, fast_ops=False),
+    train.py's `fast_ops: false`) or by PLAINLM_FAST_OPS=0 in the environment. Even on, each fast
+    module checks per call that it pays (fp32 on an x86 CPU, large enough shapes) and otherwise
+    runs the plain forward above; the two agree within float rounding (tests/test_model.py)."""
+    return bool(requested) and os.environ.get("PLAINLM_FAST_OPS", "1") != "0"

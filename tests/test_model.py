@@ -6,8 +6,9 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
-import model as model_lib
-from model import KVCache, ModelConfig, RMSNormFunction, SwiGLUDown, Transformer, apply_rope, rope_tables
+import fast_ops
+from fast_ops import RMSNormFunction, RoPEFunction, SwiGLUDown
+from model import KVCache, ModelConfig, Transformer, apply_rope, rope_tables
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -20,12 +21,21 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-def make_model(seed=0, **overrides):
+def make_model(seed=0, fast_ops=True, **overrides):
     """A tiny model (built in milliseconds); overrides change any ModelConfig field."""
-    kw = dict(vocab_size=100, d_model=32, n_layers=2, n_heads=4, max_seq_len=64)
+    kw = dict(vocab_size=100, d_model=32, n_layers=2, n_heads=4, max_seq_len=64, tie_embeddings=True)
     kw.update(overrides)
     torch.manual_seed(seed)
-    return Transformer(ModelConfig(**kw))
+    return Transformer(ModelConfig(**kw), fast_ops=fast_ops)
+
+
+@pytest.fixture
+def fast_everywhere(monkeypatch):
+    """Tiny tensors take model.py's plain path (the fast ops do not pay there): this makes every
+    fast op run at any size, so the tests below exercise them."""
+    if not fast_ops.ONEDNN:
+        pytest.skip("fast_ops are used on x86 CPUs only")
+    monkeypatch.setattr(fast_ops, "MIN_MATMUL_INPUT", 0)
 
 
 def random_tokens(shape, vocab_size, seed=1):
@@ -97,7 +107,7 @@ def rms_norm(x, weight, eps=1e-5):
 
 
 def reference_rope(x, cos, sin):
-    """RoPE as the usual one-liner, left to autograd (model.py writes its backward by hand)."""
+    """RoPE as the usual one-liner, written out independently of model.py."""
     x1, x2 = x.chunk(2, dim=-1)
     return x * cos + torch.cat((-x2, x1), dim=-1) * sin
 
@@ -160,9 +170,8 @@ def test_forward_matches_hand_written_reference(overrides):
 
 @pytest.mark.parametrize("overrides", VARIANTS)
 def test_gradients_match_hand_written_reference(overrides):
-    """The hand-written backward passes (RoPE, RMSNorm, SwiGLU + down projection, oneDNN
-    matmuls) give the gradients autograd finds for the plain reference above."""
-    model = scramble(make_model(rope_theta=500.0, **overrides))
+    """model.py's plain model: autograd through it gives the gradients of the description above."""
+    model = scramble(make_model(rope_theta=500.0, fast_ops=False, **overrides))
     with torch.no_grad():
         for p in model.parameters():
             if p.dim() == 1:
@@ -175,6 +184,82 @@ def test_gradients_match_hand_written_reference(overrides):
     torch.nn.functional.cross_entropy(logits.flatten(0, 1), targets.flatten()).backward()
     for name, p in model.named_parameters():
         torch.testing.assert_close(grads[name], p.grad, rtol=1e-4, atol=1e-5, msg=name)
+
+
+@pytest.mark.parametrize("overrides", VARIANTS)
+def test_fast_ops_match_the_plain_model(overrides, fast_everywhere):
+    """fast_ops.py's modules (oneDNN linear, RMSNorm, RoPE and SwiGLU-down backwards) give the
+    outputs and gradients of model.py's plain modules, with the same parameter names."""
+    plain, fast = (scramble(make_model(rope_theta=500.0, fast_ops=f, **overrides)) for f in (False, True))
+    fast.load_state_dict(plain.state_dict())
+    assert {type(m).__name__ for m in fast.modules()} >= {"FastLinear", "FastRMSNorm", "FastAttention", "FastFeedForward"}
+    assert not any(type(m).__module__ == "fast_ops" for m in plain.modules())
+    idx, targets = random_tokens((2, 12), 100), random_tokens((2, 12), 100, seed=2)
+    outputs = []
+    for model in (plain, fast):
+        logits, loss = model(idx, targets)
+        loss.backward()
+        outputs.append((logits.detach(), {name: p.grad for name, p in model.named_parameters()}))
+    torch.testing.assert_close(outputs[1][0], outputs[0][0], rtol=1e-5, atol=1e-5)
+    assert outputs[1][1].keys() == outputs[0][1].keys()
+    for name, grad in outputs[0][1].items():
+        torch.testing.assert_close(outputs[1][1][name], grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_fast_ops_run_only_where_they_pay(monkeypatch):
+    """At bench.py's size the oneDNN matmul and the fused SwiGLU-down run; at a tiny size (where
+    measured slower) and under autocast the plain F.linear path does; fast_ops=False and
+    PLAINLM_FAST_OPS=0 keep model.py's modules."""
+    if not fast_ops.ONEDNN:
+        pytest.skip("fast_ops are used on x86 CPUs only")
+    calls = {"onednn": 0, "swiglu": 0}
+    real_linear, real_swiglu = fast_ops.onednn_linear, fast_ops.SwiGLUDown.apply
+
+    def count(name, fn):
+        def wrapped(*args):
+            calls[name] += 1
+            return fn(*args)
+        return wrapped
+
+    monkeypatch.setattr(fast_ops, "onednn_linear", count("onednn", real_linear))
+    monkeypatch.setattr(fast_ops.SwiGLUDown, "apply", count("swiglu", real_swiglu))
+    model = make_model(d_model=128, n_layers=1, n_heads=2, max_seq_len=256)
+    with torch.no_grad():
+        model(random_tokens((2, 64), 100))  # 128 tokens x 128: below MIN_MATMUL_INPUT
+        assert calls == {"onednn": 0, "swiglu": 0}
+        model(random_tokens((16, 256), 100))  # 4096 tokens x 128: above
+        assert calls["onednn"] > 0 and calls["swiglu"] == 1
+        calls.update(onednn=0, swiglu=0)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            model(random_tokens((16, 256), 100))
+        assert calls == {"onednn": 0, "swiglu": 0}
+    assert not any(type(m).__module__ == "fast_ops" for m in make_model(fast_ops=False).modules())
+    monkeypatch.setenv("PLAINLM_FAST_OPS", "0")
+    assert not any(type(m).__module__ == "fast_ops" for m in make_model().modules())
+
+
+def test_hooks_and_module_swaps_work_with_fast_ops(fast_everywhere):
+    """Every module's forward runs: a hook on w_down fires, and a replaced w_down (here a
+    LoRA-style wrapper) is used and trained, even where the fused SwiGLU-down would run."""
+    model = make_model()
+    seen = []
+    model.blocks[0].mlp.w_down.register_forward_hook(lambda module, args, out: seen.append(out.shape))
+    idx = random_tokens((2, 8), 100)
+    model(idx)
+    assert seen == [(2, 8, 32)]
+
+    class LoRA(torch.nn.Module):
+        def __init__(self, base):
+            super().__init__()
+            self.base, self.a = base, torch.nn.Parameter(torch.zeros(base.out_features, 4))
+            self.b = torch.nn.Parameter(torch.randn(4, base.in_features))
+
+        def forward(self, x):
+            return self.base(x) + x @ (self.a @ self.b).T
+
+    model.blocks[1].mlp.w_down = LoRA(model.blocks[1].mlp.w_down)
+    model(idx, idx)[1].backward()
+    assert model.blocks[1].mlp.w_down.a.grad.abs().sum() > 0
 
 
 def test_gradients_under_bf16_autocast_match_reference():
@@ -196,7 +281,8 @@ def test_gradients_under_bf16_autocast_match_reference():
 
 
 def test_custom_backwards_pass_gradcheck():
-    """Finite differences in float64 (where linear() uses F.linear), with odd shapes."""
+    """fast_ops.py's hand-written backwards against finite differences in float64 (where its
+    linear() uses F.linear), with odd shapes."""
     torch.manual_seed(0)
     x = torch.randn(2, 3, 5, dtype=torch.float64, requires_grad=True)
     weight = torch.randn(5, dtype=torch.float64, requires_grad=True)
@@ -206,15 +292,15 @@ def test_custom_backwards_pass_gradcheck():
     assert torch.autograd.gradcheck(SwiGLUDown.apply, (gate, up, w_down))
     cos, sin = (t.double() for t in rope_tables(6, 4, 100.0))
     q = torch.randn(2, 3, 4, 6, dtype=torch.float64, requires_grad=True)
-    assert torch.autograd.gradcheck(lambda q: apply_rope(q, cos, sin), (q,))
+    assert torch.autograd.gradcheck(lambda q: RoPEFunction.apply(q, cos, sin), (q,))
 
 
-@pytest.mark.skipif(not model_lib.ONEDNN, reason="oneDNN matmuls are used on x86 CPUs only")
+@pytest.mark.skipif(not fast_ops.ONEDNN, reason="oneDNN matmuls are used on x86 CPUs only")
 def test_onednn_linear_matches_f_linear():
     torch.manual_seed(0)
     x = torch.randn(3, 50, 96, requires_grad=True)
     weight = torch.randn(160, 96, requires_grad=True)
-    out = model_lib.linear(x, weight)
+    out = fast_ops.onednn_linear(x, weight)
     grad = torch.randn_like(out)
     out.backward(grad)
     got = (out.detach(), x.grad.clone(), weight.grad.clone())
@@ -225,10 +311,10 @@ def test_onednn_linear_matches_f_linear():
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-4)
 
 
-def test_backward_keeps_few_activations():
-    """What one forward pass keeps for backward: per layer, the block input and normed input
-    of each half, q, k, v, the attention output, and the SwiGLU's gate and up; nothing more
-    (stock RMSNorm and SwiGLU would keep four more tensors per layer)."""
+def test_backward_keeps_few_activations(fast_everywhere):
+    """What one forward pass keeps for backward with fast_ops: per layer, the block input and
+    normed input of each half, q, k, v, the attention output, and the SwiGLU's gate and up;
+    nothing more (model.py's plain RMSNorm and SwiGLU keep four more tensors per layer)."""
     model = make_model(d_model=64, d_ff=256, n_layers=3, max_seq_len=128)
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}
     params |= {b.untyped_storage().data_ptr() for b in model.buffers()}
@@ -349,8 +435,9 @@ def test_default_sizes():
     assert ModelConfig(vocab_size=65).padded_vocab == 128
     assert ModelConfig(vocab_size=50257).padded_vocab == 50304
     # The 6-layer / 384-wide / 6-head char model quoted in the docs.
-    model = Transformer(ModelConfig(vocab_size=65, d_model=384, n_layers=6, n_heads=6, max_seq_len=256))
+    model = Transformer(ModelConfig(vocab_size=65, d_model=384, n_layers=6, n_heads=6, max_seq_len=256, tie_embeddings=True))
     assert model.num_params() == 10_670_976
+    assert ModelConfig().tie_embeddings is False  # train.py's default, since its keys come from ModelConfig
 
 
 @pytest.mark.parametrize("vocab_size,d_model,n_layers,n_heads,tie", [
@@ -404,8 +491,9 @@ def test_padded_vocab_never_predicted_and_loss_ignores_minus_one():
     assert out.max() < 65
 
 
-def test_eager_and_compiled_agree():
-    """One compile (fullgraph: no graph breaks) of a tiny GQA + QK-norm model, forward and backward."""
+def test_eager_and_compiled_agree(fast_everywhere):
+    """One compile (fullgraph: no graph breaks) of a tiny GQA + QK-norm model, forward and backward,
+    through every fast op (the oneDNN custom op and the autograd Functions must trace)."""
     model = make_model(n_layers=1, n_kv_heads=2, qk_norm=True, max_seq_len=16)
     idx, targets = random_tokens((2, 16), 100), random_tokens((2, 16), 100, seed=2)
     logits, loss = torch.compile(model, fullgraph=True)(idx, targets)
@@ -504,9 +592,8 @@ def hand_flops_per_token(c, seq_len):
 
 
 @pytest.mark.parametrize("overrides", VARIANTS)
-def test_flops_per_token(overrides, monkeypatch):
-    monkeypatch.setattr(model_lib, "ONEDNN", False)  # the FLOP counter sees F.linear, not oneDNN's op
-    model = make_model(**overrides)
+def test_flops_per_token(overrides):
+    model = make_model(fast_ops=False, **overrides)  # the FLOP counter sees F.linear, not oneDNN's op
     seq_len = 32
     assert model.flops_per_token(seq_len) == hand_flops_per_token(model.cfg, seq_len)
     # Cross-check against torch's FLOP counter on a real forward + backward. The math SDPA
