@@ -27,9 +27,9 @@ import sys
 import numpy as np
 import torch
 
-from model import linear
+from fast_ops import linear
 from train import (GPU_PEAK_BF16_TFLOPS, Sampler, build_model, choose_precision, get_windows, load_config,
-                   lr_at, make_optimizer, model_config, open_tokens, peak_flops, peak_memory_mb, read_meta,
+                   lr_factor, make_optimizer, model_config, open_tokens, peak_flops, peak_memory_mb, read_meta,
                    setup_distributed, train_step)
 
 
@@ -113,7 +113,9 @@ def make_side(name, cfg, data, device, amp_dtype):
         raw, model = build_model(cfg, vocab_size, device, 1, amp_dtype)
     else:
         raw, model = build_hf(cfg, vocab_size, device)
-    side = {"name": name, "raw": raw, "model": model, "optimizer": make_optimizer(raw, cfg),
+    optimizer = make_optimizer(raw, cfg)
+    side = {"name": name, "raw": raw, "model": model, "optimizer": optimizer,
+            "base_lrs": [group["lr"] for group in optimizer.param_groups],
             "scaler": torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16),
             "sampler": Sampler(len(tokens), cfg["seq_len"], cfg["seed"]), "step": 0,
             "rounds": [], "build_start": t0}
@@ -129,8 +131,8 @@ def run_steps(side, n, cfg, data, device, amp_dtype):
     data_s, t0, cpu0 = 0.0, time.perf_counter(), time.process_time()
     for _ in range(n):
         side["step"] += 1
-        for group in side["optimizer"].param_groups:
-            group["lr"] = lr_at(side["step"], cfg)
+        for group, base_lr in zip(side["optimizer"].param_groups, side["base_lrs"]):
+            group["lr"] = base_lr * lr_factor(side["step"], cfg)
         t_data = time.perf_counter()
         ids = side["sampler"].next_ids(cfg["batch_size"]).reshape(accum, cfg["micro_batch_size"])
         micro_batches = [get_windows(tokens, micro_ids, cfg["seq_len"], device) for micro_ids in ids]
@@ -166,7 +168,7 @@ PEAK_MATMUL_SIZE = {"cuda": 8192, "cpu": 3072}  # large enough to reach the peak
 
 def measure_peak_flops(device, amp_dtype):
     """{"mm": FLOP/s, "linear": FLOP/s}: the best of three n x n x n matmuls in the run's dtype
-    through torch.mm and through model.linear (oneDNN on x86 CPUs, where it beats torch.mm's
+    through torch.mm and through fast_ops.linear (oneDNN on x86 CPUs, where it beats torch.mm's
     MKL). The larger is what this device can deliver. A shared CPU's rate drifts, so this is
     measured every round and the best round counts."""
     n = PEAK_MATMUL_SIZE[device.type]
@@ -290,7 +292,7 @@ def bench(cfg, args, argv):
     if peaks:
         peak_mm, peak = max(p["mm"] for p in peaks), max(max(p.values()) for p in peaks)
         peak_source = (f"measured: best {PEAK_MATMUL_SIZE[device.type]}^3 matmul of {len(peaks)} rounds, through "
-                       f"torch.mm {peak_mm / 1e12:.4g} or model.linear {max(p['linear'] for p in peaks) / 1e12:.4g}")
+                       f"torch.mm {peak_mm / 1e12:.4g} or fast_ops.linear {max(p['linear'] for p in peaks) / 1e12:.4g}")
     else:
         peak = peak_flops(device, amp_dtype)
         peak_source = "datasheet bf16/fp16 dense peak" if peak else None
@@ -366,12 +368,68 @@ def fmt_or_dash(fmt, value):
 # -----------------------------------------------------------------------------
 # --prepare: prepare.py's tokenizing speed against tiktoken's own batch encoder.
 
-def bench_prepare(args):
+def raw_encode_seconds(source, tokenizer="gpt2", num_proc=2):
+    """-> (tokens, wall s, CPU s) of tiktoken's own encode_ordinary_batch over the source's text,
+    all of it held in memory."""
     import prepare
-    if not hasattr(prepare, "benchmark"):
-        fail("--prepare needs prepare.benchmark(...), which this prepare.py does not have")
+    units, _ = prepare.open_source(prepare.parse_args(["--source", source, "--out", "-"]))
+    texts = [text for text, _ in units(prepare.Progress())]
+    enc = prepare.get_tokenizer(tokenizer).enc
+    wall, cpu = time.perf_counter(), time.process_time()
+    tokens = sum(map(len, enc.encode_ordinary_batch(texts, num_threads=num_proc)))
+    return tokens, time.perf_counter() - wall, time.process_time() - cpu
+
+
+def prepare_speed(source, tokenizer="gpt2", num_proc=None, rounds=3, extra_args=()):
+    """`python prepare.py` end to end (including start-up) against raw_encode_seconds, each in its
+    own process, alternating for `rounds`; the best round of each counts. Rates are tokens per
+    second of wall clock, and (cpu_*) per CPU-second x num_proc, which a busy machine disturbs less.
+    -> dict(tokens_per_s, raw_tokens_per_s, ratio, cpu_ratio, peak_rss_mb, ...), where
+    peak_rss_mb = main process peak + num_proc x largest worker peak."""
+    import re
+    import resource
+    import tempfile
+
+    import prepare
+
+    def children_cpu_seconds():
+        usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+        return usage.ru_utime + usage.ru_stime
+
+    num_proc = num_proc or prepare.CORES
+    here = os.path.dirname(os.path.abspath(__file__))
+    raw_code = f"import bench; print(*bench.raw_encode_seconds({source!r}, {tokenizer!r}, {num_proc}))"
+    runs = {"prepare": [], "raw": []}  # (tokens/s, tokens per CPU-second x num_proc) per round
+    rss = []
+    with tempfile.TemporaryDirectory(prefix="prepare_bench_") as folder:
+        command = [sys.executable, os.path.join(here, "prepare.py"), "--source", source, "--tokenizer",
+                   tokenizer, "--out", folder, "--num_proc", str(num_proc), "--overwrite", *extra_args]
+        for _ in range(rounds):
+            raw = subprocess.run([sys.executable, "-c", raw_code], cwd=here, capture_output=True,
+                                 text=True, check=True)
+            tokens, wall, cpu = map(float, raw.stdout.split()[-3:])
+            runs["raw"].append((tokens / wall, tokens / cpu * num_proc))
+            wall, cpu = time.perf_counter(), children_cpu_seconds()
+            result = subprocess.run(command, capture_output=True, text=True)
+            if result.returncode != 0:
+                raise RuntimeError(result.stderr)
+            wall, cpu = time.perf_counter() - wall, children_cpu_seconds() - cpu
+            tokens = sum(split["tokens"] for split in prepare.existing_meta(folder)["splits"].values())
+            runs["prepare"].append((tokens / wall, tokens / cpu * num_proc))
+            peaks = re.search(r"main (\d+) MB, worker (\d+) MB", result.stderr).groups()
+            main_mb, worker_mb = map(int, peaks)
+            rss.append((main_mb + num_proc * worker_mb, main_mb, worker_mb))
+    best = {name: [max(rates) for rates in zip(*rounds)] for name, rounds in runs.items()}
+    return {"tokens_per_s": best["prepare"][0], "raw_tokens_per_s": best["raw"][0],
+            "ratio": best["prepare"][0] / best["raw"][0], "cpu_tokens_per_s": best["prepare"][1],
+            "cpu_raw_tokens_per_s": best["raw"][1], "cpu_ratio": best["prepare"][1] / best["raw"][1],
+            "peak_rss_mb": max(rss)[0], "peak_rss_main_mb": max(r[1] for r in rss),
+            "peak_rss_worker_mb": max(r[2] for r in rss), "num_proc": num_proc, "rounds": runs}
+
+
+def bench_prepare(args):
     try:
-        res = prepare.benchmark(args.prepare, tokenizer=args.tokenizer, rounds=args.rounds)
+        res = prepare_speed(args.prepare, tokenizer=args.tokenizer, rounds=args.rounds)
     except RuntimeError as e:  # the prepare.py subprocess failed: its last error line says why
         fail(f"--prepare {args.prepare}: {(str(e).strip().splitlines() or ['prepare.py failed'])[-1]}")
     print(f"bench --prepare {args.prepare} | tokenizer {args.tokenizer} | {res.get('num_proc', '?')} processes | "
@@ -420,7 +478,7 @@ def parse_args(argv):
     parser.add_argument("--vocab_size", type=int, help="vocabulary for --data dummy (default: data_dir's meta.json)")
     parser.add_argument("--measure_peak", action="store_true",
                         help="measure the peak FLOP/s with a large matmul in the run's dtype each round, through "
-                             "torch.mm and model.linear (the faster counts), for MFU (needed on CPUs; GPUs default "
+                             "torch.mm and fast_ops.linear (the faster counts), for MFU (needed on CPUs; GPUs default "
                              "to their datasheet peak)")
     parser.add_argument("--compare", choices=("hf",),
                         help="hf: also measure transformers.LlamaForCausalLM of the same shape, interleaved round by "

@@ -23,22 +23,12 @@ def fail(msg, prog="sample.py"):
 
 
 def load_checkpoint(path, prog="sample.py"):
-    """(path, checkpoint dict) of a checkpoint file, or of the newest readable one in a run folder.
-    export.py uses it too, hence prog (the name its errors start with)."""
-    if os.path.isdir(path):
-        paths = train.checkpoint_paths(path)
-        if not paths:
-            fail(f"run folder '{path}' has no checkpoints (ckpt_*.pt): train it first or pass a checkpoint file", prog)
-    elif os.path.isfile(path):
-        paths = [path]
-    else:
-        fail(f"'{path}' is neither a run folder nor a checkpoint file", prog)
-    found, ckpt = train.load_newest_checkpoint(paths, lambda msg: print(f"{prog}: {msg}", file=sys.stderr))
-    if ckpt is None:
-        fail(f"no readable checkpoint in '{path}'", prog)
-    if not isinstance(ckpt, dict) or not {"model", "model_config", "meta"} <= set(ckpt):
-        fail(f"'{found}' is not a plainLM checkpoint (it needs the keys model, model_config and meta)", prog)
-    return found, ckpt
+    """(path, checkpoint dict) of a checkpoint file, or of the newest readable one in a run folder
+    (train.find_checkpoint). export.py uses it too, hence prog (the name its errors start with)."""
+    try:
+        return train.find_checkpoint(path, lambda msg: print(f"{prog}: {msg}", file=sys.stderr))
+    except ValueError as e:
+        fail(str(e), prog)
 
 
 def load_model(ckpt, device="cpu"):

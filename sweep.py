@@ -20,13 +20,15 @@ Rules:
 `python train.py cfg.yaml --job_idx i` trains job i in `<out_dir>/<exp_name>/job<i>`;
 slurm.sh and condor.sub submit every job of a file at once.
 
-This module imports only the standard library and yaml, so `--count` and `--list` are instant
-on a login node; `--job_idx` imports train.py to print the fully resolved config.
+This module imports only the standard library and yaml, so it is instant on a login node.
+`--job_idx` asks `train.py --print_config` for the fully resolved config (train.py owns the
+defaults and checks, and imports this file, so this one runs it rather than importing it).
 """
 import argparse
 import copy
 import math
 import os
+import subprocess
 import sys
 
 import yaml
@@ -196,12 +198,17 @@ def main(argv=None):
     if args.count:
         print(count(raw))
     elif args.job_idx is not None:
-        job_config(raw, args.job_idx)  # range check first: a clear error without importing torch
-        import train  # lazily: train.py imports torch, which --count and --list never need
-        config = train.load_config(args.config, [], args.job_idx)
+        job_config(raw, args.job_idx)  # range check first: a clear error without starting train.py
+        train_py = os.path.join(os.path.dirname(os.path.abspath(__file__)), "train.py")
+        result = subprocess.run([sys.executable, train_py, args.config, "--job_idx", str(args.job_idx), "--print_config"],
+                                capture_output=True, text=True)
+        if result.returncode != 0:  # train.py's own one-line error about this job's config
+            sys.stderr.write(result.stderr)
+            return result.returncode
+        config = yaml.safe_load(result.stdout)
         run_dir = os.path.join(str(config["out_dir"]), str(config["exp_name"]), f"job{args.job_idx}")
         print(f"# job {args.job_idx} of {count(raw)}; run folder: {run_dir}")
-        print(yaml.safe_dump(config, sort_keys=False, default_flow_style=None), end="")
+        print(result.stdout, end="")
     else:
         print(table(raw))
 

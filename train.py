@@ -23,6 +23,7 @@ import shutil
 import signal
 import sys
 import time
+import typing
 import warnings
 
 import numpy as np
@@ -31,29 +32,23 @@ import torch.distributed as dist
 import torch.nn.functional as F
 import yaml
 
-import model as model_lib
 import sweep
-from model import ModelConfig, Transformer
+from model import ModelConfig, Transformer, use_fast_ops
 
 # -----------------------------------------------------------------------------
 # Config: every key, its default, and what it means. The README's table is this one.
 
 NUMBER = (int, float)  # a count of steps, or a fraction of `steps` when below 1
+SET_FROM_DATA = ("vocab_size", "max_seq_len")  # ModelConfig fields train.py fills in: from meta.json, and seq_len
+MODEL_KEYS = {f.name: (f.default, tuple(typing.get_args(f.type)) or f.type, f.metadata["help"])
+              for f in dataclasses.fields(ModelConfig) if f.name not in SET_FROM_DATA}
 CONFIG = {
     # data
     "data_dir": ("data/shakespeare_char", str, "folder with train.bin, val.bin, meta.json (prepare.py)"),
     "seq_len": (256, int, "tokens per training sequence (context length)"),
-    # model (vocab_size comes from the data's meta.json)
-    "d_model": (384, int, "width of the residual stream"),
-    "n_layers": (6, int, "number of Transformer blocks"),
-    "n_heads": (6, int, "attention heads"),
-    "n_kv_heads": (None, (int, type(None)), "key/value heads for grouped-query attention (null: n_heads)"),
-    "d_ff": (None, (int, type(None)), "feed-forward width (null: 8/3 d_model for glu, 4 d_model for relu2, rounded up to 64)"),
-    "mlp": ("glu", str, "feed-forward type: glu (SwiGLU) or relu2 (squared ReLU)"),
-    "tie_embeddings": (False, bool, "share the token embedding with the LM head"),
-    "qk_norm": (False, bool, "RMSNorm on queries and keys per head"),
-    "rope_theta": (10000.0, float, "RoPE base"),
-    "norm_eps": (1e-5, float, "RMSNorm epsilon"),
+    # model: every field of model.ModelConfig (its defaults, types, checks and help text) goes here
+    **MODEL_KEYS,
+    "fast_ops": (True, bool, "use fast_ops.py's kernels where they pay (fp32 on x86 CPUs); false: model.py's plain modules"),
     # budget
     "steps": (1000, int, "optimizer steps to train"),
     "batch_size": (64, int, "sequences per optimizer step, over all devices"),
@@ -93,13 +88,14 @@ CONFIG = {
     "wandb_project": ("plainlm", str, "W&B project name"),
 }
 DEFAULTS = {key: default for key, (default, _, _) in CONFIG.items()}
-CHOICES = {"mlp": ("glu", "relu2"), "scheduler": ("cosine", "wsd", "constant", "linear"),
+CHOICES = {"scheduler": ("cosine", "wsd", "constant", "linear"),
            "cooldown_shape": ("linear", "1-sqrt"), "resume": ("auto", "never"), "device": ("auto", "cpu", "cuda"),
            "dtype": ("auto", "bf16", "fp16", "fp32"), "parallelism": ("ddp", "fsdp")}
 # Keys that may differ when a run is resumed: they do not change what is being trained
 # (out_dir and exp_name too, so a run folder can be moved or copied and still resume).
 RESUMABLE_CHANGES = {"out_dir", "exp_name", "steps", "eval_every", "eval_tokens", "log_every", "sample_tokens", "save_every", "keep_last",
-                     "resume", "init_from", "device", "compile", "parallelism", "micro_batch_size", "wandb", "wandb_project"}
+                     "resume", "init_from", "device", "compile", "fast_ops", "parallelism", "micro_batch_size", "wandb",
+                     "wandb_project"}
 STOPPED_EXIT_CODE = 75  # "stopped early by a signal, checkpoint saved: run the same command again to continue"
 
 
@@ -177,7 +173,7 @@ def validate(cfg):
     for key, choices in CHOICES.items():
         if cfg[key] not in choices:
             fail(f"config key '{key}' must be one of {', '.join(choices)}, got {cfg[key]!r}")
-    for key in ("seq_len", "d_model", "n_layers", "n_heads", "steps", "batch_size", "micro_batch_size", "keep_last", "log_every"):
+    for key in ("seq_len", "steps", "batch_size", "micro_batch_size", "keep_last", "log_every"):
         if cfg[key] <= 0:
             fail(f"config key '{key}' must be positive, got {cfg[key]}")
     for key in ("eval_every", "eval_tokens", "save_every", "sample_tokens", "lr", "lr_min", "weight_decay", "grad_clip", "warmup_steps", "cooldown_steps"):
@@ -204,9 +200,7 @@ def validate(cfg):
 
 
 def model_config(cfg, vocab_size):
-    return ModelConfig(vocab_size=vocab_size, d_model=cfg["d_model"], n_layers=cfg["n_layers"], n_heads=cfg["n_heads"],
-                       n_kv_heads=cfg["n_kv_heads"], d_ff=cfg["d_ff"], mlp=cfg["mlp"], tie_embeddings=cfg["tie_embeddings"],
-                       qk_norm=cfg["qk_norm"], rope_theta=cfg["rope_theta"], norm_eps=cfg["norm_eps"], max_seq_len=cfg["seq_len"])
+    return ModelConfig(vocab_size=vocab_size, max_seq_len=cfg["seq_len"], **{key: cfg[key] for key in MODEL_KEYS})
 
 
 def run_dir_of(cfg):
@@ -224,23 +218,30 @@ def schedule_lengths(cfg):
     return steps_of(cfg["warmup_steps"]), steps_of(cfg["cooldown_steps"])
 
 
-def lr_at(step, cfg):
-    lr, lr_min, total = cfg["lr"], cfg["lr_min"], cfg["steps"]
+def lr_factor(step, cfg):
+    """The schedule: the multiplier of every parameter group's base learning rate at `step`.
+    Warmup rises to 1; the decays end at lr_min / lr."""
     warmup, cooldown = schedule_lengths(cfg)
     if step <= warmup:
-        return lr * step / warmup
+        return step / warmup
+    floor = cfg["lr_min"] / cfg["lr"] if cfg["lr"] else 0.0
     if cfg["scheduler"] == "constant":
-        return lr
+        return 1.0
     if cfg["scheduler"] == "wsd":
-        decay_start = total - cooldown
+        decay_start = cfg["steps"] - cooldown
         if step <= decay_start:
-            return lr
-        progress = (step - decay_start) / cooldown  # in (0, 1]; reaches lr_min at the last step
+            return 1.0
+        progress = (step - decay_start) / cooldown  # in (0, 1]; reaches the floor at the last step
         left = 1 - progress if cfg["cooldown_shape"] == "linear" else 1 - math.sqrt(progress)
-        return lr_min + (lr - lr_min) * left
-    progress = (step - warmup) / max(1, total - warmup)
+        return floor + (1 - floor) * left
+    progress = (step - warmup) / max(1, cfg["steps"] - warmup)
     left = 1 - progress if cfg["scheduler"] == "linear" else 0.5 * (1 + math.cos(math.pi * progress))
-    return lr_min + (lr - lr_min) * left
+    return floor + (1 - floor) * left
+
+
+def lr_at(step, cfg):
+    """The learning rate of the groups whose base rate is `lr` (what the logs show)."""
+    return cfg["lr"] * lr_factor(step, cfg)
 
 
 # -----------------------------------------------------------------------------
@@ -353,17 +354,22 @@ def choose_precision(cfg, device):
     dtype = cfg["dtype"]
     if dtype == "auto":
         if device.type != "cuda":
-            return None, "fp32" + onednn_note(device) + " (auto: this CPU has no fast bf16)"
+            return None, "fp32" + fast_ops_note(cfg, device) + " (auto: this CPU has no fast bf16)"
         if torch.cuda.is_bf16_supported():
             return torch.bfloat16, "bf16 autocast (auto: CUDA with bf16)"
         return torch.float16, "fp16 autocast + loss scaling (auto: this GPU has no bf16)"
     if dtype == "fp32":
-        return None, "fp32" + onednn_note(device)
+        return None, "fp32" + fast_ops_note(cfg, device)
     return {"bf16": torch.bfloat16, "fp16": torch.float16}[dtype], f"{dtype} autocast"
 
 
-def onednn_note(device):
-    return ", matmuls by oneDNN" if device.type == "cpu" and model_lib.ONEDNN else ""
+def fast_ops_note(cfg, device):
+    if device.type != "cpu":
+        return ""
+    if not use_fast_ops(cfg["fast_ops"]):
+        return ", model.py's plain ops (fast_ops off)"
+    import fast_ops
+    return ", fast_ops where they pay (oneDNN matmuls, leaner backwards)" if fast_ops.ONEDNN else ""
 
 
 def autocast(device, amp_dtype):
@@ -376,7 +382,7 @@ def build_model(cfg, vocab_size, device, world, amp_dtype):
     """(raw model, model to call). The raw model owns the parameters and clean state-dict names;
     the one to call may be DDP-wrapped, FSDP-sharded and/or compiled."""
     torch.manual_seed(cfg["seed"])  # same initial weights on every rank
-    raw = Transformer(model_config(cfg, vocab_size)).to(device)
+    raw = Transformer(model_config(cfg, vocab_size), fast_ops=cfg["fast_ops"]).to(device)
     model = raw
     if world > 1 and cfg["parallelism"] == "fsdp":
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
@@ -401,10 +407,11 @@ def build_model(cfg, vocab_size, device, world, amp_dtype):
 
 
 def make_optimizer(raw, cfg):
-    # Decay matrices (embeddings, projections); never norm gains. parameters() lists a tied weight once.
+    """Each parameter group's "lr" is its base learning rate, which the schedule then scales.
+    Decay matrices (embeddings, projections); never norm gains. parameters() lists a tied weight once."""
     params = list(raw.parameters())
-    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg["weight_decay"]},
-              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg["weight_decay"], "lr": cfg["lr"]},
+              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0, "lr": cfg["lr"]}]
     # The fused kernel updates each tensor in one pass, on CUDA and on CPU (at bench.py's CPU shape
     # it cut the optimizer step from about 32 to 13 ms).
     return torch.optim.AdamW(groups, lr=cfg["lr"], betas=(cfg["beta1"], cfg["beta2"]), eps=cfg["eps"], fused=True)
@@ -522,6 +529,25 @@ def load_newest_checkpoint(paths, log):
         except Exception as e:  # a truncated zip, a half-copied file, ...
             log(f"warning: skipping unreadable checkpoint {path} ({type(e).__name__}: {str(e).splitlines()[0][:100]})")
     return None, None
+
+
+def find_checkpoint(path, log):
+    """(file, checkpoint) for a checkpoint file, or the newest readable one of a run folder: what
+    init_from, sample.py and export.py accept. ValueError with a one-line reason when there is none."""
+    if os.path.isdir(path):
+        paths = checkpoint_paths(path)
+        if not paths:
+            raise ValueError(f"run folder '{path}' has no checkpoints (ckpt_*.pt): train it first or pass a checkpoint file")
+    elif os.path.isfile(path):
+        paths = [path]
+    else:
+        raise ValueError(f"'{path}' is neither a run folder nor a checkpoint file")
+    found, ckpt = load_newest_checkpoint(paths, log)
+    if ckpt is None:
+        raise ValueError(f"no readable checkpoint in '{path}'")
+    if not isinstance(ckpt, dict) or not {"model", "model_config", "meta"} <= set(ckpt):
+        raise ValueError(f"'{found}' is not a plainLM checkpoint (it needs the keys model, model_config and meta)")
+    return found, ckpt
 
 
 def restore(ckpt, raw, optimizer, scaler, sampler, rank):
@@ -664,52 +690,18 @@ def train(cfg, overwrite=False):
 
     for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
         signal.signal(sig, request_stop)
-    meta = read_meta(cfg["data_dir"])
-    train_tokens, val_tokens = open_tokens(cfg["data_dir"], "train", meta), open_tokens(cfg["data_dir"], "val", meta)
-    if len(train_tokens) <= cfg["seq_len"] * cfg["batch_size"] // world:
-        fail(f"train.bin in '{cfg['data_dir']}' has {len(train_tokens)} tokens, too few for one batch of "
-             f"{cfg['batch_size']} x {cfg['seq_len']}: use more data or a smaller batch_size/seq_len")
-    if len(val_tokens) <= cfg["seq_len"]:
-        fail(f"val.bin in '{cfg['data_dir']}' has {len(val_tokens)} tokens, fewer than seq_len {cfg['seq_len']}")
+    meta, train_tokens, val_tokens = open_data(cfg, world)
     run_dir = prepare_run_dir(cfg, overwrite, log) if is_main else run_dir_of(cfg)
     if world > 1:
         dist.barrier()  # the run folder exists (and was checked) before anyone reads it
 
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
     amp_dtype, precision = choose_precision(cfg, device)
-    if cfg["parallelism"] == "fsdp" and amp_dtype == torch.float16:
-        fail("fp16 with FSDP is not supported: use dtype bf16 (or fp32)")
     raw, model = build_model(cfg, meta["vocab_size"], device, world, amp_dtype)
     optimizer = make_optimizer(raw, cfg)
+    base_lrs = [group["lr"] for group in optimizer.param_groups]  # the schedule multiplies each group's own
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
     sampler = Sampler(len(train_tokens), cfg["seq_len"], cfg["seed"])
-
-    # Continue this run if it has a checkpoint; else branch from init_from; else start fresh.
-    start_step = 0
-    path, ckpt = load_newest_checkpoint(checkpoint_paths(run_dir), log) if cfg["resume"] == "auto" else (None, None)
-    if ckpt is None and cfg["init_from"]:
-        source = cfg["init_from"]
-        paths = checkpoint_paths(source) if os.path.isdir(source) else [source]
-        if not paths or not os.path.exists(paths[0]):
-            fail(f"init_from '{source}' is not a checkpoint file or a run folder with checkpoints")
-        path, ckpt = load_newest_checkpoint(paths, log)
-        if ckpt is None:
-            fail(f"init_from '{source}': no readable checkpoint")
-    if ckpt is not None:
-        if ckpt["model_config"] != dataclasses.asdict(raw.cfg):
-            fail(f"checkpoint {path} holds a different model shape than this config: {ckpt['model_config']}")
-        restore(ckpt, raw, optimizer, scaler, sampler, rank)
-        start_step = ckpt["step"]
-        log(f"resumed from {path} at step {start_step}")
-        del ckpt
-    if world > 1:  # every rank reads the run folder itself: on several nodes it must be on a shared filesystem
-        steps = torch.tensor([start_step, -start_step], device=device)
-        dist.all_reduce(steps, op=dist.ReduceOp.MAX)
-        if steps[0] != -steps[1]:
-            fail(f"the processes found different checkpoints in '{run_dir}' (steps {-steps[1].item()} to "
-                 f"{steps[0].item()}): put out_dir on a filesystem that every node can read")
+    start_step = resume_or_branch(cfg, run_dir, raw, optimizer, scaler, sampler, rank, world, device, log)
     torch.manual_seed(cfg["seed"] + rank + 1000 * start_step)  # per-rank streams for anything random later
 
     accum = cfg["batch_size"] // (cfg["micro_batch_size"] * world)
@@ -724,59 +716,47 @@ def train(cfg, overwrite=False):
         log(f"already trained to step {start_step} (steps: {cfg['steps']}): nothing to do")
         return 0
 
-    def eval_and_record(step, record):
-        val_loss = evaluate(model, val_tokens, cfg, device, amp_dtype, rank, world)
-        record.update(val_loss=val_loss, val_ppl=math.exp(min(val_loss, 50)))
-        log(f"step {step} | val loss {val_loss:.4f} | val ppl {record['val_ppl']:.2f}")
-
-    last_log_time, last_log_step, loss_sum, t_start = time.time(), start_step, None, time.time()
+    # loss_sum: the losses since the last log line. The clock times the steps since it last restarted
+    # (after a log line, an evaluation or a checkpoint), so tokens/s counts training alone.
+    loss_sum, last_log_step, t_start = None, start_step, time.time()
+    clock_time, clock_step = t_start, start_step
     for step in range(start_step + 1, cfg["steps"] + 1):
-        lr = lr_at(step, cfg)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
+        factor = lr_factor(step, cfg)
+        for group, base_lr in zip(optimizer.param_groups, base_lrs):
+            group["lr"] = base_lr * factor
         ids = deal(sampler.next_ids(cfg["batch_size"]), world, rank, cfg["micro_batch_size"])
         micro_batches = [get_windows(train_tokens, micro_ids, cfg["seq_len"], device) for micro_ids in ids]
         loss, grad_norm = train_step(model, raw, optimizer, scaler, micro_batches, cfg, device, amp_dtype)
         loss_sum = loss if loss_sum is None else loss_sum + loss
 
-        record = {}
         last = step == cfg["steps"]
-        if step % cfg["log_every"] == 0 or last:
-            if world > 1:
-                dist.all_reduce(loss_sum, op=dist.ReduceOp.AVG)
-            train_loss = loss_sum.item() / (step - last_log_step)
-            if not math.isfinite(train_loss):
-                fail(f"loss is {train_loss} at step {step} (first non-finite between steps {last_log_step + 1} and {step}); "
-                     f"the last good checkpoint is kept: lower lr or raise warmup_steps, then resume")
-            now = time.time()
-            step_s = (now - last_log_time) / (step - last_log_step)
-            tokens_per_s = tokens_per_step / step_s
-            record = {"step": step, "tokens": step * tokens_per_step, "lr": lr, "train_loss": train_loss,
-                      "grad_norm": grad_norm.item(), "tokens_per_s": tokens_per_s, "step_ms": 1000 * step_s,
+        logging = step % cfg["log_every"] == 0 or last
+        evaluating = (cfg["eval_every"] and step % cfg["eval_every"] == 0) or last
+        stopping = stop_requested(world, device)
+        saving = last or stopping or (cfg["save_every"] and step % cfg["save_every"] == 0)
+        record = {}
+        if logging or (saving and loss_sum is not None):  # never log or checkpoint a diverged model
+            train_loss = mean_loss(loss_sum, last_log_step + 1, step, world)
+        if logging:
+            step_s = (time.time() - clock_time) / (step - clock_step)
+            record = {"step": step, "tokens": step * tokens_per_step, "lr": lr_at(step, cfg), "train_loss": train_loss,
+                      "grad_norm": grad_norm.item(), "tokens_per_s": tokens_per_step / step_s, "step_ms": 1000 * step_s,
                       "peak_mem_mb": peak_memory_mb(device)}
             mfu = f" | mfu {100 * flops_per_step / step_s / peak / world:.1f}%" if peak else ""
-            log(f"step {step}/{cfg['steps']} | loss {train_loss:.4f} | lr {lr:.2e} | grad {record['grad_norm']:.3f} | "
-                f"{tokens_per_s:,.0f} tok/s{mfu} | {1000 * step_s:.0f} ms/step | "
+            log(f"step {step}/{cfg['steps']} | loss {train_loss:.4f} | lr {record['lr']:.2e} | grad {record['grad_norm']:.3f} | "
+                f"{record['tokens_per_s']:,.0f} tok/s{mfu} | {1000 * step_s:.0f} ms/step | "
                 f"eta {fmt_duration(step_s * (cfg['steps'] - step))} | mem {record['peak_mem_mb']:,.0f} MB")
-            last_log_time, last_log_step, loss_sum = now, step, None
-        if (cfg["eval_every"] and step % cfg["eval_every"] == 0) or last:
-            eval_and_record(step, record)
-            record.setdefault("step", step)
-            last_log_time = time.time()  # evaluation time does not count against tokens/s
+            loss_sum, last_log_step = None, step
+        if evaluating:
+            val_loss = evaluate(model, val_tokens, cfg, device, amp_dtype, rank, world)
+            record.update(step=step, val_loss=val_loss, val_ppl=math.exp(min(val_loss, 50)))
+            log(f"step {step} | val loss {val_loss:.4f} | val ppl {record['val_ppl']:.2f}")
         if record:
             metrics.write(record)
-
-        stopping = stop_requested(world, device)
-        if last or stopping or (cfg["save_every"] and step % cfg["save_every"] == 0):
-            if loss_sum is not None:  # steps since the last log line: never checkpoint a diverged model
-                finite = torch.isfinite(loss_sum).float()
-                if world > 1:
-                    dist.all_reduce(finite, op=dist.ReduceOp.MIN)
-                if not finite.item():
-                    fail(f"loss is not finite between steps {last_log_step + 1} and {step}; the last good checkpoint "
-                         f"is kept: lower lr or raise warmup_steps, then resume")
+        if saving:
             save_checkpoint(run_dir, step, raw, optimizer, scaler, sampler, cfg, meta, rank, world, cfg["keep_last"])
-            last_log_time = time.time()
+        if logging or evaluating or saving:  # the one place the clock restarts
+            clock_time, clock_step = time.time(), step
         if stopping and not last:
             log(f"{STOP_SIGNAL['name'] or 'signal on another rank'}: saved a checkpoint at step {step}; "
                 f"run the same command again to continue")
@@ -786,6 +766,58 @@ def train(cfg, overwrite=False):
     if cfg["sample_tokens"] and is_main:
         print_sample(raw, meta, cfg["sample_tokens"], device)
     return 0
+
+
+def open_data(cfg, world):
+    """(meta, train tokens, val tokens), checked to hold at least one batch and one validation window."""
+    meta = read_meta(cfg["data_dir"])
+    train_tokens, val_tokens = open_tokens(cfg["data_dir"], "train", meta), open_tokens(cfg["data_dir"], "val", meta)
+    if len(train_tokens) <= cfg["seq_len"] * cfg["batch_size"] // world:
+        fail(f"train.bin in '{cfg['data_dir']}' has {len(train_tokens)} tokens, too few for one batch of "
+             f"{cfg['batch_size']} x {cfg['seq_len']}: use more data or a smaller batch_size/seq_len")
+    if len(val_tokens) <= cfg["seq_len"]:
+        fail(f"val.bin in '{cfg['data_dir']}' has {len(val_tokens)} tokens, fewer than seq_len {cfg['seq_len']}")
+    return meta, train_tokens, val_tokens
+
+
+def mean_loss(loss_sum, first, step, world):
+    """Mean training loss of steps first..step over all ranks. A loss that is not finite stops the
+    run here, before it is logged or checkpointed, so the last checkpoint stays a good one."""
+    total = loss_sum.detach().clone()
+    if world > 1:
+        dist.all_reduce(total, op=dist.ReduceOp.AVG)
+    loss = total.item() / (step - first + 1)
+    if not math.isfinite(loss):
+        where = f"at step {step}" if first == step else f"between steps {first} and {step}"
+        fail(f"loss is {loss} {where}; the last good checkpoint is kept: lower lr or raise warmup_steps, then resume")
+    return loss
+
+
+def resume_or_branch(cfg, run_dir, raw, optimizer, scaler, sampler, rank, world, device, log):
+    """Continue this run from its newest good checkpoint; else branch from init_from; else start fresh.
+    Returns the number of steps already trained."""
+    path, ckpt = load_newest_checkpoint(checkpoint_paths(run_dir), log) if cfg["resume"] == "auto" else (None, None)
+    how = "resumed"
+    if ckpt is None and cfg["init_from"]:
+        try:
+            path, ckpt = find_checkpoint(cfg["init_from"], log)
+        except ValueError as e:
+            fail(f"init_from: {e}")
+        how = "branched"
+    start_step = 0
+    if ckpt is not None:
+        if ckpt["model_config"] != dataclasses.asdict(raw.cfg):
+            fail(f"checkpoint {path} holds a different model shape than this config: {ckpt['model_config']}")
+        restore(ckpt, raw, optimizer, scaler, sampler, rank)
+        start_step = ckpt["step"]
+        log(f"{how} from {path} at step {start_step}")
+    if world > 1:  # every rank reads the run folder itself: on several nodes it must be on a shared filesystem
+        steps = torch.tensor([start_step, -start_step], device=device)
+        dist.all_reduce(steps, op=dist.ReduceOp.MAX)
+        if steps[0] != -steps[1]:
+            fail(f"the processes found different checkpoints in '{run_dir}' (steps {-steps[1].item()} to "
+                 f"{steps[0].item()}): put out_dir on a filesystem that every node can read")
+    return start_step
 
 
 def print_sample(raw, meta, n_tokens, device):
@@ -809,6 +841,8 @@ def parse_args(argv):
     parser.add_argument("--job_idx", type=int, help="which job of a sweep config to train (see sweep.py)")
     parser.add_argument("--overwrite", action="store_true",
                         help="if the run folder holds a different config, move it aside and start over")
+    parser.add_argument("--print_config", action="store_true",
+                        help="print the resolved config (defaults filled in, checked) as YAML and exit without training")
     args, overrides = parser.parse_known_args(argv)
     return args, overrides
 
@@ -816,6 +850,9 @@ def parse_args(argv):
 def main(argv=None):
     args, overrides = parse_args(sys.argv[1:] if argv is None else argv)
     cfg = load_config(args.config, overrides, args.job_idx)
+    if args.print_config:
+        print(yaml.safe_dump(cfg, sort_keys=False, default_flow_style=False), end="")
+        return 0
     try:
         code = train(cfg, args.overwrite)
     finally:
