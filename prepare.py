@@ -476,7 +476,8 @@ def write_splits(batches, folder, val_tokens, max_tokens, seed, progress):
 
 # ----------------------------------------------------------------------------- output folder
 
-def read_meta(out):
+def existing_meta(out):
+    """The meta.json of a data folder prepare.py wrote before, or None."""
     try:
         with open(os.path.join(out, "meta.json")) as f:
             return json.load(f)
@@ -486,7 +487,7 @@ def read_meta(out):
 
 def say_if_complete(args, out):
     """True (after saying so) when --out already holds a complete data set and no --overwrite."""
-    old = read_meta(out)
+    old = existing_meta(out)
     if not old or not old.get("complete") or args.overwrite:
         return False
     changed = [k for k, v in vars(args).items()
@@ -654,64 +655,6 @@ def main(argv=None):
           f"{val:,} tokens ({counts['val']['docs']:,} docs), {meta['dtype']}; peak RSS main {main_mb} MB, "
           f"worker {worker_mb} MB", file=sys.stderr)
     return meta
-
-
-# ----------------------------------------------------------------------------- benchmark
-
-def raw_encode_seconds(source, tokenizer="gpt2", num_proc=2):
-    """-> (tokens, wall s, CPU s) of tiktoken's own encode_ordinary_batch over the source's text,
-    all of it held in memory."""
-    units, _ = open_source(parse_args(["--source", source, "--out", "-"]))
-    texts = [text for text, _ in units(Progress())]
-    enc = get_tokenizer(tokenizer).enc
-    wall, cpu = time.perf_counter(), time.process_time()
-    tokens = sum(map(len, enc.encode_ordinary_batch(texts, num_threads=num_proc)))
-    return tokens, time.perf_counter() - wall, time.process_time() - cpu
-
-
-def benchmark(source, tokenizer="gpt2", num_proc=None, rounds=3, extra_args=()):
-    """`python prepare.py` end to end (including start-up) against raw_encode_seconds, each in its
-    own process, alternating for `rounds`; the best round of each counts. Rates are tokens per
-    second of wall clock, and (cpu_*) per CPU-second x num_proc, which a busy machine disturbs less.
-    -> dict(tokens_per_s, raw_tokens_per_s, ratio, cpu_ratio, peak_rss_mb, ...), where
-    peak_rss_mb = main process peak + num_proc x largest worker peak."""
-    import resource
-    import subprocess
-    import tempfile
-
-    def children_cpu_seconds():
-        usage = resource.getrusage(resource.RUSAGE_CHILDREN)
-        return usage.ru_utime + usage.ru_stime
-
-    num_proc = num_proc or CORES
-    here = os.path.dirname(os.path.abspath(__file__))
-    raw_code = f"import prepare; print(*prepare.raw_encode_seconds({source!r}, {tokenizer!r}, {num_proc}))"
-    runs = {"prepare": [], "raw": []}  # (tokens/s, tokens per CPU-second x num_proc) per round
-    rss = []
-    with tempfile.TemporaryDirectory(prefix="prepare_bench_") as folder:
-        command = [sys.executable, os.path.join(here, "prepare.py"), "--source", source, "--tokenizer",
-                   tokenizer, "--out", folder, "--num_proc", str(num_proc), "--overwrite", *extra_args]
-        for _ in range(rounds):
-            raw = subprocess.run([sys.executable, "-c", raw_code], cwd=here, capture_output=True,
-                                 text=True, check=True)
-            tokens, wall, cpu = map(float, raw.stdout.split()[-3:])
-            runs["raw"].append((tokens / wall, tokens / cpu * num_proc))
-            wall, cpu = time.perf_counter(), children_cpu_seconds()
-            result = subprocess.run(command, capture_output=True, text=True)
-            if result.returncode != 0:
-                raise RuntimeError(result.stderr)
-            wall, cpu = time.perf_counter() - wall, children_cpu_seconds() - cpu
-            tokens = sum(split["tokens"] for split in read_meta(folder)["splits"].values())
-            runs["prepare"].append((tokens / wall, tokens / cpu * num_proc))
-            peaks = re.search(r"main (\d+) MB, worker (\d+) MB", result.stderr).groups()
-            main_mb, worker_mb = map(int, peaks)
-            rss.append((main_mb + num_proc * worker_mb, main_mb, worker_mb))
-    best = {name: [max(rates) for rates in zip(*rounds)] for name, rounds in runs.items()}
-    return {"tokens_per_s": best["prepare"][0], "raw_tokens_per_s": best["raw"][0],
-            "ratio": best["prepare"][0] / best["raw"][0], "cpu_tokens_per_s": best["prepare"][1],
-            "cpu_raw_tokens_per_s": best["raw"][1], "cpu_ratio": best["prepare"][1] / best["raw"][1],
-            "peak_rss_mb": max(rss)[0], "peak_rss_main_mb": max(r[1] for r in rss),
-            "peak_rss_worker_mb": max(r[2] for r in rss), "num_proc": num_proc, "rounds": runs}
 
 
 if __name__ == "__main__":

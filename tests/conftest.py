@@ -31,17 +31,19 @@ def shakespeare_play(name="hamlet"):
         return f.read()
 
 
-def write_char_data(out_dir, text, val_fraction=0.1):
-    """A small char-level data set in prepare.py's format, without running prepare.py."""
+def write_char_data(out_dir, text, val_fraction=0.1, train_tokens=None, val_tokens=None):
+    """A small char-level data set in prepare.py's format, without running prepare.py: the first
+    train_tokens characters of text (default: all but val_fraction) are train, the next val_tokens val."""
     chars = sorted(set(text))
     ids = np.array([chars.index(c) for c in text], dtype=np.uint16)
-    split = int(len(ids) * (1 - val_fraction))
+    split = train_tokens or int(len(ids) * (1 - val_fraction))
+    end = split + val_tokens if val_tokens else len(ids)
     os.makedirs(out_dir, exist_ok=True)
     ids[:split].tofile(os.path.join(out_dir, "train.bin"))
-    ids[split:].tofile(os.path.join(out_dir, "val.bin"))
+    ids[split:end].tofile(os.path.join(out_dir, "val.bin"))
     meta = {"format": 1, "complete": True, "tokenizer": "char", "vocab_size": len(chars) + 1, "eot_id": len(chars),
             "dtype": "uint16", "chars": chars, "source": "test", "args": {},
-            "splits": {"train": {"tokens": split, "docs": 1}, "val": {"tokens": len(ids) - split, "docs": 1}}}
+            "splits": {"train": {"tokens": split, "docs": 1}, "val": {"tokens": end - split, "docs": 1}}}
     with open(os.path.join(out_dir, "meta.json"), "w") as f:
         json.dump(meta, f)
     return out_dir

@@ -17,6 +17,7 @@ import pytest
 import torch
 
 import train
+from conftest import write_char_data
 from model import ModelConfig, Transformer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -24,22 +25,6 @@ STEPS, SEQ_LEN, EVAL_TOKENS = 12, 32, 229  # 229 tokens = 7 eval windows: 4 on r
 TINY = [f"--seq_len={SEQ_LEN}", "--d_model=32", "--n_layers=2", "--n_heads=2", f"--steps={STEPS}", "--batch_size=8",
         "--micro_batch_size=2", "--warmup_steps=2", "--lr=1e-2", "--log_every=1", "--eval_every=6",
         f"--eval_tokens={EVAL_TOKENS}", f"--save_every={STEPS // 2}", "--keep_last=10"]
-
-
-def write_char_data(out):
-    """A char-level data set in prepare.py's format, from a file of Python's own source."""
-    text = open(os.__file__).read()
-    chars = sorted(set(text))
-    ids = np.array([chars.index(c) for c in text], dtype=np.uint16)
-    n_train, n_val = 64 * SEQ_LEN + 1, 500  # 64 windows: one epoch is 8 steps, so the runs cross into epoch 1
-    os.makedirs(out)
-    ids[:n_train].tofile(os.path.join(out, "train.bin"))
-    ids[n_train:n_train + n_val].tofile(os.path.join(out, "val.bin"))
-    meta = {"format": 1, "complete": True, "tokenizer": "char", "vocab_size": len(chars), "eot_id": 0, "dtype": "uint16",
-            "chars": chars, "splits": {"train": {"tokens": n_train, "docs": 1}, "val": {"tokens": n_val, "docs": 1}},
-            "source": os.__file__, "args": {}}
-    with open(os.path.join(out, "meta.json"), "w") as f:
-        json.dump(meta, f)
 
 
 def launch(nproc, args, script="train.py"):
@@ -76,7 +61,8 @@ sys.exit(train.main())
 def runs(tmp_path_factory):
     base = tmp_path_factory.mktemp("distributed")
     data = str(base / "data")
-    write_char_data(data)
+    # Python's own source as text; 64 windows of train, so one epoch is 8 steps and the runs cross into epoch 1.
+    write_char_data(data, open(os.__file__).read(), train_tokens=64 * SEQ_LEN + 1, val_tokens=500)
     common = [f"--data_dir={data}", f"--out_dir={base}", *TINY]
     straight = {"single": (1, []), "ddp": (2, []), "fsdp": (2, ["--parallelism=fsdp"])}
     logs = finish({name: launch(n, [*common, f"--exp_name={name}", *extra]) for name, (n, extra) in straight.items()})
