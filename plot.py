@@ -15,7 +15,9 @@ is skipped) and the names of its checkpoints `ckpt_<step>.pt` (never their conte
 Runs are labelled by the config keys whose values differ between them (job_idx, out_dir, resume,
 wandb and wandb_project are not counted), or by folder name when their configs are the same.
 
-The figure: train loss (EMA-smoothed, `--smooth`, raw curve faint) and val loss against steps,
+The figure: train loss (EMA-smoothed, `--smooth`, raw curve faint; by default the factor is
+1 - 10/n for the run with the most train-loss records n, within [0, 0.9], so the EMA averages over
+about a tenth of the run whether it logged 15 or 15,000 times) and val loss against steps,
 tokens (step x batch_size x seq_len) or training time (`--x time`: the sum of step_ms over the
 logged steps, so evaluation and checkpoint time are left out), and small panels with the learning
 rate, tokens/s and gradient norm. An X marks where a run recorded a non-finite loss. When the runs
@@ -342,6 +344,11 @@ def x_values(run, records, x):
     return out
 
 
+def auto_smooth(n_records):
+    """EMA factor averaging over about n/10 records: none for a handful of records, 0.9 at most."""
+    return min(0.9, max(0.0, 1 - 10 / n_records)) if n_records else 0.0
+
+
 def ema(values, factor):
     """Bias-corrected exponential moving average (as TensorBoard's smoothing slider)."""
     out, avg = [], 0.0
@@ -378,6 +385,9 @@ def import_pyplot():
 def plot_curves(runs, out, x, smooth, log_y, title):
     plt = import_pyplot()
     from matplotlib.lines import Line2D
+    auto = smooth is None
+    if auto:
+        smooth = round(auto_smooth(max(len(series(r, "train_loss", "step")[1]) for r in runs)), 2)
     time_unit = None
     if x == "time":
         longest = max((max(x_values(r, r.records, "time"), default=0) for r in runs), default=0)
@@ -425,7 +435,8 @@ def plot_curves(runs, out, x, smooth, log_y, title):
     ax_loss.set_ylabel("loss")
     ax_loss.set_xlabel(x_label)
     ax_loss.grid(alpha=0.3)
-    train_text = f"train loss, EMA {smooth:g} (faint: raw)" if smooth > 0 else "train loss (not smoothed)"
+    train_text = (f"train loss, EMA {smooth:g}{' (auto)' if auto else ''} (faint: raw)" if smooth > 0
+                  else "train loss (not smoothed)")
     handles = [Line2D([], [], color="black", lw=1.8, label=train_text),
                Line2D([], [], color="black", lw=1.3, ls="--", marker="o", ms=4, label="val loss")]
     if any(r.non_finite_step() is not None for r in runs):
@@ -534,8 +545,9 @@ def parse_args(argv):
                                       "plot goes next to it as <name>_<key>.png")
     parser.add_argument("--x", choices=("step", "tokens", "time"), default="step",
                         help="x axis of the curves (default: step)")
-    parser.add_argument("--smooth", type=float, default=0.6, metavar="FACTOR",
-                        help="EMA factor for the train loss, in [0, 1); 0 turns smoothing off (default: 0.6)")
+    parser.add_argument("--smooth", default="auto", metavar="FACTOR",
+                        help="EMA factor for the train loss, in [0, 1); 0 turns smoothing off (default: auto, "
+                             "1 - 10/records within [0, 0.9]; the legend states the factor used)")
     parser.add_argument("--log", action="store_true", help="log-scale y axis for the losses")
     parser.add_argument("--csv", metavar="PATH", help="also write the table as CSV (raw numbers) to PATH")
     parser.add_argument("--no_plot", action="store_true", help="print the table only (matplotlib not needed)")
@@ -543,8 +555,16 @@ def parse_args(argv):
                         help=f"a run whose files changed this recently counts as running (default: {RUNNING_WINDOW_S}; "
                              f"at least 3 log intervals of that run)")
     args = parser.parse_args(argv)
-    if not 0 <= args.smooth < 1:
-        parser.error(f"--smooth must be in [0, 1), got {args.smooth}")
+    if args.smooth == "auto":
+        args.smooth = None
+    else:
+        try:
+            factor = float(args.smooth)
+        except ValueError:
+            factor = -1.0
+        if not 0 <= factor < 1:
+            parser.error(f"--smooth must be 'auto' or a number in [0, 1), got {args.smooth!r}")
+        args.smooth = factor
     return args
 
 

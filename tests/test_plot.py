@@ -170,7 +170,7 @@ def test_pngs_are_real_images(sweep, default_output):
         assert os.path.getsize(sweep / name) > 10_000
 
 
-@pytest.mark.parametrize("flags", [["--x", "tokens", "--log"], ["--x", "time", "--smooth", "0"]])
+@pytest.mark.parametrize("flags", [["--x", "tokens", "--log"], ["--x", "time", "--smooth", "0.5"]])
 def test_other_axes_and_options_draw(sweep, tmp_path, flags, capsys):
     assert plot.main([str(sweep), "--out", str(tmp_path / "p.png")] + flags) == 0
     assert png_size(tmp_path / "p.png")[0] >= 400 and (tmp_path / "p_lr.png").exists()
@@ -188,6 +188,8 @@ def test_ema_is_bias_corrected_and_zero_is_off():
     assert plot.ema([2.0, 2.0, 2.0], 0.9) == pytest.approx([2.0, 2.0, 2.0])
     assert plot.ema([1.0, 3.0], 0.5) == pytest.approx([1.0, (0.25 + 1.5) / 0.75])  # 0.5*0.5 + 0.5*3, debiased
     assert plot.ema([1.0, 5.0, 2.0], 0) == [1.0, 5.0, 2.0]
+    # --smooth auto: about a tenth of the run's records; nothing for a handful, at most 0.9.
+    assert plot.auto_smooth(6) == 0 and plot.auto_smooth(15) == pytest.approx(1 / 3) and plot.auto_smooth(10_000) == 0.9
 
 
 def copy_run(src, dst, drop=()):
