@@ -13,7 +13,9 @@ unreadable line, such as a half-written last line of a run that is being written
 is skipped) and the names of its checkpoints `ckpt_<step>.pt` (never their contents).
 
 Runs are labelled by the config keys whose values differ between them (job_idx, out_dir, resume,
-wandb and wandb_project are not counted), or by folder name when their configs are the same.
+wandb and wandb_project are not counted; the legend names the four with the most distinct values,
+the table all of them),
+or by folder name when their configs are the same.
 
 The figure: train loss (EMA-smoothed, `--smooth`, raw curve faint; by default the factor is
 1 - 10/n for the run with the most train-loss records n, within [0, 0.9], so the EMA averages over
@@ -215,6 +217,12 @@ def differing_keys(cfgs):
     return [k for k in keys if len({json.dumps(cfg.get(k), sort_keys=True, default=str) for cfg in cfgs}) > 1]
 
 
+def describe(cfg, keys, most=4):
+    """'lr=0.003, n_layers=4' for a legend: the first `most` keys (the table shows them all)."""
+    text = ", ".join(f"{k}={fmt_value(cfg.get(k))}" for k in keys[:most])
+    return text + (f", ... (+{len(keys) - most} keys)" if len(keys) > most else "")
+
+
 def fmt_value(value):
     if isinstance(value, float):
         return f"{value:g}"
@@ -238,8 +246,10 @@ def load_runs(paths, running_window, now=None):
         run.status = status_of(run, running_window, now)
     runs.sort(key=lambda r: natural_key(r.name))
     keys = differing_keys([r.cfg for r in runs])
+    distinct = {k: len({fmt_value(r.cfg.get(k)) for r in runs}) for k in keys}
+    by_spread = sorted(keys, key=lambda k: -distinct[k])  # the keys that tell most runs apart go first
     for run in runs:
-        run.label = ", ".join(f"{k}={fmt_value(run.cfg.get(k))}" for k in keys) if keys else run.name
+        run.label = describe(run.cfg, by_spread) if keys else run.name
     return runs, keys, missing_jobs(runs, common)
 
 
@@ -401,7 +411,7 @@ def plot_curves(runs, out, x, smooth, log_y, title):
     panels = [(fig.add_subplot(grid[1, i]), key, name) for i, (key, name) in
               enumerate((("lr", "learning rate"), ("tokens_per_s", "tokens/s"), ("grad_norm", "grad norm")))]
     colors = colors_for(len(runs), plt)
-    run_maxima, all_losses = [], []
+    run_maxima, all_losses, crosses = [], [], []
     for run, color in zip(runs, colors):
         xs, ys = series(run, "train_loss", x)
         xs = [v / scale for v in xs]
@@ -421,8 +431,7 @@ def plot_curves(runs, out, x, smooth, log_y, title):
         bad_step = run.non_finite_step()
         if bad_step is not None:
             bad_x = x_values(run, [r for r in run.records if r["step"] == bad_step][:1], x)[0] / scale
-            ax_loss.plot([bad_x], [vys[-1] if vys else ys[-1] if ys else 0], marker="X", ms=11, color=color,
-                         mec="black", ls="none")
+            crosses.append((bad_x, vys[-1] if vys else ys[-1] if ys else None, color))
         for ax, key, _ in panels:
             pxs, pys = series(run, key, x)
             ax.plot([v / scale for v in pxs], pys, color=color, lw=1.2, marker="o" if len(pys) == 1 else None, ms=4)
@@ -430,6 +439,10 @@ def plot_curves(runs, out, x, smooth, log_y, title):
         top, bottom = statistics.median(run_maxima), min(all_losses)
         pad = (top - bottom) * 0.05 or 0.05
         ax_loss.set_ylim(bottom - pad if not log_y else bottom * 0.97, top + pad if not log_y else top * 1.05)
+    low, high = ax_loss.get_ylim()
+    for bad_x, y, color in crosses:  # at the run's last finite loss, kept inside the axes
+        y = high if y is None else min(max(y, low), high)
+        ax_loss.plot([bad_x], [y], marker="X", ms=11, color=color, mec="black", ls="none", clip_on=False)
     if log_y:
         log_scale_y(ax_loss)
     ax_loss.set_ylabel("loss")
@@ -486,7 +499,7 @@ def plot_sensitivity(runs, keys, out, log_y, title):
     fig, ax = plt.subplots(figsize=(7, 4.5), layout="constrained")
     groups = {}
     for r in points:
-        groups.setdefault(", ".join(f"{k}={fmt_value(r.cfg.get(k))}" for k in others), []).append(r)
+        groups.setdefault(describe(r.cfg, others), []).append(r)
     colors = colors_for(len(groups), plt)
     best = min(points, key=lambda r: r.final_val)
     for (name, members), color in zip(sorted(groups.items(), key=lambda g: natural_key(g[0])), colors):
