@@ -3,6 +3,7 @@ side with Hugging Face's LlamaForCausalLM of the same shape.
 
     python bench.py configs/bench_cpu.yaml --data dummy --vocab_size 65 --measure_peak
     python bench.py configs/bench_cpu.yaml --data dummy --vocab_size 65 --compile=true --compare hf
+    python bench.py configs/shakespeare_char.yaml --ops
     python bench.py --prepare shakespeare
 
 The step it times is train.py's own: the same config keys, data sampler, model build (compile,
@@ -366,6 +367,67 @@ def fmt_or_dash(fmt, value):
 
 
 # -----------------------------------------------------------------------------
+# --ops: each of fast_ops.py's pieces against model.py's plain one, at the config's shape.
+
+def bench_ops(cfg, args):
+    """Forward + backward of each piece, plain and fast, interleaved for --rounds rounds (medians),
+    on this config's micro-batch: the measurements fast_ops.py's size thresholds rest on."""
+    import torch.nn.functional as F
+
+    import fast_ops
+    import model
+    if not fast_ops.ONEDNN:
+        fail("--ops: fast_ops.py is used on x86 CPUs only (no oneDNN linear here)")
+    torch.manual_seed(cfg["seed"])
+    c = model_config(cfg, vocab_size=256)
+    n, d, hd = cfg["micro_batch_size"] * cfg["seq_len"], c.d_model, c.head_dim
+    leaf = lambda *shape: torch.randn(*shape).requires_grad_()  # noqa: E731
+    x, h, gate, up, w = leaf(n, d), leaf(n, c.d_ff), leaf(n, c.d_ff), leaf(n, c.d_ff), leaf(d)
+    w_dd, w_down = (0.05 * torch.randn(d, d)).requires_grad_(), (0.05 * torch.randn(d, c.d_ff)).requires_grad_()
+    q = torch.randn(cfg["micro_batch_size"], cfg["seq_len"], c.n_heads, hd).transpose(1, 2).requires_grad_()
+    cos, sin = model.rope_tables(hd, cfg["seq_len"], c.rope_theta)
+    g_d, g_q = torch.randn(n, d), torch.randn_like(q)
+    norm = model.RMSNorm(d, c.norm_eps)
+    ops = {  # name: (input whose size decides, plain, fast, does fast_ops use the fast one at this size)
+        f"linear {n}x{d} -> {d}": (lambda: F.linear(x, w_dd).backward(g_d), lambda: fast_ops.onednn_linear(x, w_dd).backward(g_d),
+                                   x.numel() >= fast_ops.MIN_MATMUL_INPUT),
+        f"linear {n}x{c.d_ff} -> {d}": (lambda: F.linear(h, w_down).backward(g_d),
+                                        lambda: fast_ops.onednn_linear(h, w_down).backward(g_d), h.numel() >= fast_ops.MIN_MATMUL_INPUT),
+        f"rmsnorm {n}x{d}": (lambda: norm(x).backward(g_d), lambda: fast_ops.RMSNormFunction.apply(x, norm.weight, c.norm_eps).backward(g_d),
+                             True),
+        f"rope {tuple(q.shape)}": (lambda: model.apply_rope(q, cos, sin).backward(g_q),
+                                   lambda: fast_ops.RoPEFunction.apply(q, cos, sin).backward(g_q), True),
+        f"swiglu+down {n}x{c.d_ff}": (lambda: F.linear(F.silu(gate) * up, w_down).backward(g_d),
+                                      lambda: fast_ops.SwiGLUDown.apply(gate, up, w_down).backward(g_d),
+                                      gate.numel() >= fast_ops.MIN_MATMUL_INPUT),
+    }
+    # Enough calls per round for ~0.1 s of each, from one timed call.
+    times = {name: {"plain": [], "fast": []} for name in ops}
+    print(f"bench --ops: {args.config} | {device_name(torch.device('cpu'))} | micro-batch {cfg['micro_batch_size']} x "
+          f"{cfg['seq_len']} | {args.rounds} interleaved round(s) ...", flush=True)
+    for r in range(args.rounds):
+        for name, (plain, fast, _) in ops.items():
+            for kind, fn in (("plain", plain), ("fast", fast)) if r % 2 == 0 else (("fast", fast), ("plain", plain)):
+                fn()
+                t0 = time.perf_counter()
+                fn()
+                calls = max(1, int(0.1 / max(time.perf_counter() - t0, 1e-6)))
+                t0 = time.perf_counter()
+                for _ in range(calls):
+                    fn()
+                times[name][kind].append(1000 * (time.perf_counter() - t0) / calls)
+    rows = []
+    print(f"{'op (forward + backward)':<34}{'plain ms':>10}{'fast ms':>10}{'plain/fast':>12}  fast_ops uses")
+    for name, (_, _, used) in ops.items():
+        plain, fast = (statistics.median(times[name][k]) for k in ("plain", "fast"))
+        rows.append({"op": name, "plain_ms": round(plain, 4), "fast_ms": round(fast, 4), "speedup": round(plain / fast, 3),
+                     "fast_used": used})
+        print(f"{name:<34}{plain:>10.3f}{fast:>10.3f}{plain / fast:>11.2f}x  {'fast' if used else 'plain'}")
+    print(json.dumps({"ops": rows, "rounds": args.rounds, "tokens": n}), flush=True)
+    return 0
+
+
+# -----------------------------------------------------------------------------
 # --prepare: prepare.py's tokenizing speed against tiktoken's own batch encoder.
 
 def raw_encode_seconds(source, tokenizer="gpt2", num_proc=2):
@@ -405,8 +467,9 @@ def prepare_speed(source, tokenizer="gpt2", num_proc=None, rounds=3, extra_args=
         command = [sys.executable, os.path.join(here, "prepare.py"), "--source", source, "--tokenizer",
                    tokenizer, "--out", folder, "--num_proc", str(num_proc), "--overwrite", *extra_args]
         for _ in range(rounds):
-            raw = subprocess.run([sys.executable, "-c", raw_code], cwd=here, capture_output=True,
-                                 text=True, check=True)
+            raw = subprocess.run([sys.executable, "-c", raw_code], cwd=here, capture_output=True, text=True)
+            if raw.returncode != 0:
+                raise RuntimeError(raw.stderr)
             tokens, wall, cpu = map(float, raw.stdout.split()[-3:])
             runs["raw"].append((tokens / wall, tokens / cpu * num_proc))
             wall, cpu = time.perf_counter(), children_cpu_seconds()
@@ -483,6 +546,10 @@ def parse_args(argv):
     parser.add_argument("--compare", choices=("hf",),
                         help="hf: also measure transformers.LlamaForCausalLM of the same shape, interleaved round by "
                              "round; its peak memory is measured in a subprocess")
+    parser.add_argument("--ops", action="store_true",
+                        help="instead: time each of fast_ops.py's pieces (oneDNN linear, RMSNorm, RoPE, SwiGLU-down) "
+                             "against model.py's plain one, forward + backward, at the config's micro-batch shape, "
+                             "and say which one fast_ops uses there")
     parser.add_argument("--prepare", metavar="SRC",
                         help="instead: measure prepare.py's tokens/s on source SRC against tiktoken's "
                              "encode_ordinary_batch on all cores")
@@ -503,6 +570,8 @@ def main(argv=None):
     if args.prepare:
         return bench_prepare(args)
     cfg = load_config(args.config, overrides, args.job_idx)
+    if args.ops:
+        return bench_ops(cfg, args)
     return bench(cfg, args, argv)
 
 

@@ -4,13 +4,10 @@
                                        RMSNorm -> feed-forward   -> +residual]
            -> RMSNorm -> LM head -> logits
 
-No biases, no dropout. Attention goes through F.scaled_dot_product_attention so CUDA
-picks the flash / memory-efficient kernels. Parameter names and the rotate-half RoPE
-layout match Hugging Face's Llama, so export.py copies weights without permuting them.
-
-This file is the plain reference: edit it to try an idea. fast_ops.py holds faster,
-leaner versions of a few modules (same math, hand-written backwards); Transformer swaps
-them in where they are measured to pay, see `use_fast_ops` below.
+No biases, no dropout. Attention goes through F.scaled_dot_product_attention so CUDA picks the
+flash / memory-efficient kernels. Parameter names and the rotate-half RoPE layout match Hugging
+Face's Llama, so export.py copies weights without permuting them. This file is the plain
+reference to edit; fast_ops.py swaps in faster versions of a few modules (see use_fast_ops).
 """
 import math
 import os
@@ -33,7 +30,8 @@ class ModelConfig:
     n_layers: int = option(6, "number of Transformer blocks")
     n_heads: int = option(6, "attention heads")
     n_kv_heads: int | None = option(None, "key/value heads for grouped-query attention (null: n_heads)")
-    d_ff: int | None = option(None, "feed-forward width (null: 8/3 d_model for glu, 4 d_model for relu2, rounded up to 64)")
+    d_ff: int | None = option(None, "feed-forward width (null: 8/3 d_model for glu, 4 d_model for relu2, "
+                                    "rounded up to 64)")
     mlp: str = option("glu", "feed-forward type: glu (SwiGLU) or relu2 (squared ReLU)")
     tie_embeddings: bool = option(False, "share the token embedding with the LM head")
     qk_norm: bool = option(False, "RMSNorm on queries and keys per head")
@@ -101,10 +99,6 @@ class RMSNorm(nn.Module):
         return F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).type_as(x) * self.weight
 
 
-def Linear(d_in, d_out):
-    return nn.Linear(d_in, d_out, bias=False)
-
-
 class KVCache:
     """Keys and values of the tokens seen so far, for fast generation (one slot per layer)."""
 
@@ -125,10 +119,10 @@ class Attention(nn.Module):
     def __init__(self, cfg, layer):
         super().__init__()
         self.layer, self.n_heads, self.n_kv_heads, self.head_dim = layer, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
-        self.wq = Linear(cfg.d_model, cfg.n_heads * cfg.head_dim)
-        self.wk = Linear(cfg.d_model, cfg.n_kv_heads * cfg.head_dim)
-        self.wv = Linear(cfg.d_model, cfg.n_kv_heads * cfg.head_dim)
-        self.wo = Linear(cfg.n_heads * cfg.head_dim, cfg.d_model)
+        self.wq = nn.Linear(cfg.d_model, cfg.n_heads * cfg.head_dim, bias=False)
+        self.wk = nn.Linear(cfg.d_model, cfg.n_kv_heads * cfg.head_dim, bias=False)
+        self.wv = nn.Linear(cfg.d_model, cfg.n_kv_heads * cfg.head_dim, bias=False)
+        self.wo = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.d_model, bias=False)
         self.qk_norm = cfg.qk_norm
         if cfg.qk_norm:  # normalizing q and k per head keeps attention logits bounded
             self.q_norm = RMSNorm(cfg.head_dim, cfg.norm_eps)
@@ -162,9 +156,9 @@ class FeedForward(nn.Module):
         super().__init__()
         self.glu = cfg.mlp == "glu"
         if self.glu:
-            self.w_gate = Linear(cfg.d_model, cfg.d_ff)
-        self.w_up = Linear(cfg.d_model, cfg.d_ff)
-        self.w_down = Linear(cfg.d_ff, cfg.d_model)
+            self.w_gate = nn.Linear(cfg.d_model, cfg.d_ff, bias=False)
+        self.w_up = nn.Linear(cfg.d_model, cfg.d_ff, bias=False)
+        self.w_down = nn.Linear(cfg.d_ff, cfg.d_model, bias=False)
 
     def forward(self, x):
         if self.glu:
@@ -192,7 +186,7 @@ class Transformer(nn.Module):
         self.tok_emb = nn.Embedding(cfg.padded_vocab, cfg.d_model)
         self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
         self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
-        self.lm_head = Linear(cfg.d_model, cfg.padded_vocab)
+        self.lm_head = nn.Linear(cfg.d_model, cfg.padded_vocab, bias=False)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.tok_emb.weight
         cos, sin = rope_tables(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta)
@@ -200,16 +194,15 @@ class Transformer(nn.Module):
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
         self.reset_parameters()
-        if use_fast_ops(fast_ops):
-            import fast_ops as fast  # swaps RMSNorm, Linear, RoPE and SwiGLU for fast_ops.py's versions
+        if use_fast_ops(fast_ops):  # the same math, faster on CPUs: see fast_ops.py
+            import fast_ops as fast
             fast.install(self)
 
     def reset_parameters(self):
-        """Matrices N(0, 0.02); each block's two residual output projections scaled by
-        1/sqrt(2 n_layers) so the residual stream's variance does not grow with depth.
-        Embedding and LM head get std 0.25/sqrt(d_model): the head reads a unit-RMS vector,
-        so its logits start with std 0.25 at any width and the first loss is ln(vocab) + ~0.03.
-        (Measured with a flat 0.02: +0.13 nats at GPT-2-small width, +0.4 at d_model 2048.)"""
+        """Matrices N(0, 0.02), the two residual output projections of each block scaled by
+        1/sqrt(2 n_layers) so the residual stream does not grow with depth. Embedding and LM head:
+        std 0.25/sqrt(d_model), so the first logits have std 0.25 at any width and the first loss is
+        ln(vocab) + ~0.03 (a flat 0.02 measured +0.13 nats at GPT-2-small width, +0.4 at 2048)."""
         c = self.cfg
         for name, p in self.named_parameters():
             if p.dim() == 1:
@@ -266,10 +259,9 @@ class Transformer(nn.Module):
 
     @torch.no_grad()
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, on_token=None):
-        """Continue each row of idx (B, T) by max_new_tokens tokens. temperature 0 is greedy.
-        Uses a KV cache; when the context reaches max_seq_len the newest half is re-encoded
-        and generation goes on from there. on_token, if given, is called with each new (B, 1)
-        token tensor as soon as it is chosen (sample.py uses it to stream text)."""
+        """Continue each row of idx (B, T) by max_new_tokens tokens; temperature 0 is greedy. With a
+        KV cache; when the context reaches max_seq_len the newest half is re-encoded and generation
+        goes on. on_token(token (B, 1)) is called as each token is chosen (sample.py streams it)."""
         window = self.cfg.max_seq_len
         cache = KVCache(self.cfg, idx.shape[0], window, idx.device, self.tok_emb.weight.dtype)
         logits, _ = self(idx[:, -window:], cache=cache)
@@ -297,8 +289,6 @@ class Transformer(nn.Module):
 
 
 def use_fast_ops(requested=True):
-    """The one switch for fast_ops.py: on unless turned off here (Transformer(cfg, fast_ops=False),
-    train.py's `fast_ops: false`) or by PLAINLM_FAST_OPS=0 in the environment. Even on, each fast
-    module checks per call that it pays (fp32 on an x86 CPU, large enough shapes) and otherwise
-    runs the plain forward above; the two agree within float rounding (tests/test_model.py)."""
+    """The switch for fast_ops.py: off with Transformer(cfg, fast_ops=False), `fast_ops: false` in a
+    config, or PLAINLM_FAST_OPS=0. Each fast module runs the plain forward where it does not pay."""
     return bool(requested) and os.environ.get("PLAINLM_FAST_OPS", "1") != "0"

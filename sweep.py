@@ -211,6 +211,10 @@ def main(argv=None):
         print(result.stdout, end="")
     else:
         print(table(raw))
+        # train.py's defaults for these two are runs/ and the config file's name
+        sweep_dir = os.path.join(str(raw.get("out_dir", "runs")), str(raw.get("exp_name") or
+                                 os.path.splitext(os.path.basename(args.config))[0]))
+        print(f"curves and a summary table once they run: python plot.py {sweep_dir}")
 
 
 if __name__ == "__main__":

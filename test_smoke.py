@@ -1,5 +1,5 @@
 """Quick end-to-end check on CPU: prepare the default corpus, train a tiny model, stop it with a
-signal, resume it, sample from it. Runs as `python test_smoke.py` or under pytest; about a minute.
+signal, resume it, sample from it, summarize it. Runs as `python test_smoke.py` or under pytest; about a minute.
 The focused tests live in tests/."""
 import json
 import os
@@ -48,6 +48,12 @@ def test_prepare_train_resume_sample(tmp_path):
     text = run("sample.py", os.path.join(runs, "shakespeare_char"), "--prompt", "ROMEO:", "--max_new_tokens", "30",
                "--temperature", "0")
     assert text.startswith("ROMEO:") and len(text.strip()) >= 30
+
+    # The last line of training names the command that summarizes the run; it works as printed.
+    plot_command = out.split("curves and summary: ")[1].split()
+    assert plot_command[:2] == ["python", "plot.py"]
+    table = run(*plot_command[1:], "--no_plot")
+    assert "finished" in table and "40/40" in table
 
 
 if __name__ == "__main__":

@@ -762,7 +762,7 @@ def train(cfg, overwrite=False):
                 f"run the same command again to continue")
             return STOPPED_EXIT_CODE
 
-    log(f"done: {cfg['steps']} steps in {fmt_duration(time.time() - t_start)}")
+    log(f"done: {cfg['steps']} steps in {fmt_duration(time.time() - t_start)}; curves and summary: python plot.py {run_dir}")
     if cfg["sample_tokens"] and is_main:
         print_sample(raw, meta, cfg["sample_tokens"], device)
     return 0

@@ -81,3 +81,15 @@ def test_compare_hf(capsys):
     assert res["hf_tokens_per_s"] > 0 and res["hf_peak_mem_mb"] > 50  # measured in a child process
     assert res["speedup_vs_hf"] == pytest.approx(res["tokens_per_s"] / res["hf_tokens_per_s"], rel=1e-2)
     assert res["mfu"] is None  # no peak on a CPU without --measure_peak
+
+
+@pytest.mark.skipif(not __import__("fast_ops").ONEDNN, reason="fast_ops.py is used on x86 CPUs only")
+def test_ops_table_times_every_fast_op_and_names_the_one_used(capsys):
+    """--ops: one row per fast_ops piece with both timings; which one is used follows fast_ops's
+    size threshold (a tiny shape: plain matmuls, fast norm and RoPE)."""
+    res, lines = run_bench(capsys, [CONFIG, "--ops", "--rounds", "1", "--d_model=32", "--n_heads=2", "--seq_len=16",
+                                    "--batch_size=2", "--micro_batch_size=2"])
+    assert len(res["ops"]) == 5 and res["tokens"] == 32
+    assert all(row["plain_ms"] > 0 and row["fast_ms"] > 0 for row in res["ops"])
+    assert [row["fast_used"] for row in res["ops"]] == [False, False, True, True, False]
+    assert any("fast_ops uses" in line for line in lines) and lines[0].startswith("bench --ops:")

@@ -113,6 +113,7 @@ def test_command_line_count_list_and_errors(tmp_path):
     assert lines[1].split() == ["0", "0.001", "2", "true", "1"]
     assert lines[8].split() == ["7", "0.003", "4", "false", "2"]
     assert lines[9] == "(8 jobs)"
+    assert lines[10] == f"curves and a summary table once they run: python plot.py {os.path.join('runs', 'grid')}"
     assert run_sweep_cli(str(cfg)).stdout == listing.stdout  # --list is the default
 
     bad = tmp_path / "bad.yaml"
