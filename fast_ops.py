@@ -1,12 +1,18 @@
-"""Faster, leaner versions of model.py's modules, for fp32 training on x86 CPUs.
+"""Faster, leaner versions of model.py's modules: the loss on every device, the rest for fp32
+training on x86 CPUs.
 
 model.py is the reference; everything here computes the same function (tests/test_model.py
 compares outputs and gradients against it) and is swapped in by `install(model)`, which
 Transformer calls unless fast ops are turned off (`fast_ops: false` in a config, or
 PLAINLM_FAST_OPS=0). Each swapped module checks per call that its fast path pays and
-otherwise runs model.py's forward, so GPUs, autocast, float64 and tiny shapes are plain.
+otherwise runs model.py's forward.
 
-What is here, and what each buys (measured with bench.py on a 2-core AMD EPYC):
+On every device and dtype, with targets and at least MIN_CHUNKED_LOGITS logits:
+- LM head + cross-entropy in chunks (ChunkedCrossEntropy): never more than LOSS_CHUNK_LOGITS
+  logits at once, instead of the (tokens x vocab) logits, their softmax and their gradient, which
+  with a real vocabulary are larger than all other activations together.
+
+On fp32 x86 CPUs (measured with bench.py on a 2-core AMD EPYC):
 - Linear: fp32 `x @ W.T` through oneDNN instead of MKL, 10-15% faster per matmul at
   bench.py's shapes. Weight gradients stay with MKL, faster for that layout.
 - RMSNorm: backward keeps x and 1/rms(x) only (autograd would also keep x / rms(x)).
@@ -45,7 +51,7 @@ def install(transformer):
     state dicts stay the same. Only modules of exactly model.py's types are swapped, so a
     module a researcher replaced (a LoRA linear, another norm) is left alone."""
     swaps = {nn.Linear: FastLinear, model.RMSNorm: FastRMSNorm, model.Attention: FastAttention,
-             model.FeedForward: FastFeedForward}
+             model.FeedForward: FastFeedForward, model.Transformer: FastTransformer}
     for module in transformer.modules():
         if type(module) in swaps:
             module.__class__ = swaps[type(module)]
@@ -189,3 +195,67 @@ class FastFeedForward(model.FeedForward):
                 and x.numel() // x.shape[-1] * self.w_down.in_features >= MIN_MATMUL_INPUT):
             return SwiGLUDown.apply(self.w_gate(x), self.w_up(x), self.w_down.weight)
         return super().forward(x)
+
+
+# -----------------------------------------------------------------------------
+# The LM head and the cross-entropy, chunk by chunk: on every device and dtype.
+
+LOSS_CHUNK_LOGITS = 2**23  # logits held at once (32 MB in fp32): rows per chunk = this / padded vocab
+MIN_CHUNKED_LOGITS = 2**23  # below this many logits in all, the plain loss runs (its memory is small then)
+
+
+class ChunkedCrossEntropy(torch.autograd.Function):
+    """Cross-entropy of (x @ weight.T)[:, :vocab_size] against targets (-1: ignored) that holds
+    only LOSS_CHUNK_LOGITS logits at a time. When gradients are wanted, forward forms each chunk's
+    gradients of x and weight right away (softmax minus one-hot, times weight or x) and frees the
+    chunk; backward only scales them. reduction "mean" or "sum". Chunks stay under glibc's largest
+    mmap threshold (32 MB), so they are reused from the heap instead of being page-faulted in anew."""
+
+    @staticmethod
+    def forward(ctx, x, weight, targets, vocab_size, reduction):
+        device = x.device.type
+        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
+        x_c, w_c = x.to(dtype), weight.to(dtype)  # what autocast would multiply (no copies in fp32)
+        valid = targets != -1
+        scale = 1.0 / valid.sum() if reduction == "mean" else torch.ones((), device=x.device)
+        total = torch.zeros((), device=x.device, dtype=torch.float32)
+        grad_x = torch.empty_like(x) if ctx.needs_input_grad[0] else None
+        grad_w = torch.zeros_like(weight, dtype=torch.float32) if ctx.needs_input_grad[1] else None
+        rows = max(1, LOSS_CHUNK_LOGITS // weight.shape[0])
+        for start in range(0, x.shape[0], rows):
+            xs, ts, ok = x_c[start:start + rows], targets[start:start + rows], valid[start:start + rows]
+            logits = linear(xs, w_c).float()
+            logits[:, vocab_size:] = float("-inf")  # padded rows of the head: never predicted
+            lse = torch.logsumexp(logits, dim=-1)
+            picked = logits.gather(1, ts.clamp(min=0)[:, None]).squeeze(1)
+            total += torch.where(ok, lse - picked, 0.0).sum()
+            if grad_x is None and grad_w is None:
+                continue
+            grad = logits.sub_(lse[:, None]).exp_()  # the softmax, in place of the logits
+            grad.scatter_add_(1, ts.clamp(min=0)[:, None], -ok[:, None].float())  # minus the one-hot
+            grad = grad.mul_((ok * scale)[:, None]).to(dtype)  # ignored rows contribute nothing
+            if grad_x is not None:
+                grad_x[start:start + rows] = linear(grad, w_c.t())
+            if grad_w is not None and dtype == torch.float32:
+                grad_w.addmm_(grad.t(), xs)  # in place: no weight-sized temporary per chunk
+            elif grad_w is not None:
+                grad_w += grad.t() @ xs
+        ctx.weight_dtype = weight.dtype
+        ctx.save_for_backward(grad_x, grad_w)
+        return total * scale
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        grad_x, grad_w = ctx.saved_tensors
+        grad_x = grad_x * grad_loss.to(grad_x.dtype) if grad_x is not None else None
+        grad_w = (grad_w * grad_loss).to(ctx.weight_dtype) if grad_w is not None else None
+        return grad_x, grad_w, None, None, None
+
+
+class FastTransformer(model.Transformer):
+    def loss(self, x, targets, reduction="mean"):
+        head = self.lm_head
+        if (type(head) is not FastLinear or has_hooks(head)
+                or x.numel() // x.shape[-1] * head.out_features < MIN_CHUNKED_LOGITS):
+            return super().loss(x, targets, reduction)
+        return ChunkedCrossEntropy.apply(x.flatten(0, -2), head.weight, targets.flatten(), self.cfg.vocab_size, reduction)

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import torch.utils.checkpoint
 
 
 def option(default, help):
@@ -194,6 +195,7 @@ class Transformer(nn.Module):
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
         self.reset_parameters()
+        self.checkpoint_every = 0  # recompute every k-th block in backward (train.py's activation_checkpointing)
         if use_fast_ops(fast_ops):  # the same math, faster on CPUs: see fast_ops.py
             import fast_ops as fast
             fast.install(self)
@@ -214,9 +216,10 @@ class Transformer(nn.Module):
             else:
                 nn.init.normal_(p, mean=0.0, std=0.02)
 
-    def forward(self, idx, targets=None, cache=None):
-        """idx (B, T) token ids -> (logits (B, T, vocab_size), mean cross-entropy or None).
-        Targets equal to -1 are ignored. The loss is computed in fp32 whatever the autocast."""
+    def forward(self, idx, targets=None, cache=None, reduction="mean"):
+        """idx (B, T) token ids -> (logits (B, T, vocab_size), None), or with targets (None, loss):
+        the cross-entropy ("mean" or "sum" over the targets that are not -1), in fp32 whatever the
+        autocast. The loss never needs the logits tensor, which real vocabularies make the largest."""
         T = idx.shape[1]
         pos = cache.pos if cache is not None else 0
         if pos + T > self.cfg.max_seq_len:
@@ -225,17 +228,27 @@ class Transformer(nn.Module):
             raise ValueError("after the prompt, a cached forward takes one token at a time")
         cos, sin = self.rope_cos[pos:pos + T], self.rope_sin[pos:pos + T]
         x = self.tok_emb(idx)
-        for block in self.blocks:
-            x = block(x, cos, sin, cache)
+        for i, block in enumerate(self.blocks):
+            if self.training and self.checkpoint_every and i % self.checkpoint_every == 0:
+                # Activation checkpointing: keep only the block's input; backward runs it again.
+                x = torch.utils.checkpoint.checkpoint(block, x, cos, sin, cache, use_reentrant=False)
+            else:
+                x = block(x, cos, sin, cache)
         if cache is not None:
             cache.pos += T
+        x = self.norm(x)
+        if targets is None:
+            return self.logits(x), None
+        return None, self.loss(x, targets, reduction)
+
+    def logits(self, x):
         # The matmul runs over the padded rows (fast shapes); the padded columns are then
         # dropped, so they can never be predicted and never enter the loss.
-        logits = self.lm_head(self.norm(x))[..., :self.cfg.vocab_size]
-        if targets is None:
-            return logits, None
-        loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-1)
-        return logits, loss
+        return self.lm_head(x)[..., :self.cfg.vocab_size]
+
+    def loss(self, x, targets, reduction="mean"):
+        return F.cross_entropy(self.logits(x).flatten(0, 1).float(), targets.flatten(), ignore_index=-1,
+                               reduction=reduction)
 
     def num_params(self, non_embedding=False):
         """Parameters counted once each (a tied head shares the embedding's). non_embedding

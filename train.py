@@ -29,7 +29,6 @@ import warnings
 import numpy as np
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 import yaml
 
 import sweep
@@ -82,6 +81,8 @@ CONFIG = {
     "device": ("auto", str, "auto | cpu | cuda"),
     "dtype": ("auto", str, "auto (bf16 autocast on CUDA, fp16 on old GPUs, fp32 on CPU) | bf16 | fp16 | fp32"),
     "compile": (False, bool, "torch.compile the model"),
+    "activation_checkpointing": (False, (bool, int), "recompute blocks in backward to save memory: true (every block), "
+                                                     "k (every k-th block) or false"),
     "parallelism": ("ddp", str, "with several processes: ddp (replicated) or fsdp (FSDP2, sharded)"),
     "seed": (0, int, "random seed (model init and data order)"),
     "wandb": (False, bool, "log to Weights & Biases (needs `pip install wandb`)"),
@@ -94,7 +95,7 @@ CHOICES = {"scheduler": ("cosine", "wsd", "constant", "linear"),
 # Keys that may differ when a run is resumed: they do not change what is being trained
 # (out_dir and exp_name too, so a run folder can be moved or copied and still resume).
 RESUMABLE_CHANGES = {"out_dir", "exp_name", "steps", "eval_every", "eval_tokens", "log_every", "sample_tokens", "save_every", "keep_last",
-                     "resume", "init_from", "device", "compile", "fast_ops", "parallelism", "micro_batch_size", "wandb",
+                     "resume", "init_from", "device", "compile", "activation_checkpointing", "fast_ops", "parallelism", "micro_batch_size", "wandb",
                      "wandb_project"}
 STOPPED_EXIT_CODE = 75  # "stopped early by a signal, checkpoint saved: run the same command again to continue"
 
@@ -109,11 +110,9 @@ def coerce(key, value):
     if value is None or (isinstance(value, str) and value.lower() in ("null", "none")):
         if type(None) in kinds:
             return None
-    elif bool in kinds:
-        if isinstance(value, bool):
-            return value
-        if str(value).lower() in ("true", "false", "1", "0", "yes", "no"):
-            return str(value).lower() in ("true", "1", "yes")
+    elif bool in kinds and (isinstance(value, bool) or str(value).lower() in ("true", "false", "yes", "no")
+                            or (int not in kinds and str(value) in ("1", "0"))):
+        return value if isinstance(value, bool) else str(value).lower() in ("true", "1", "yes")
     elif not isinstance(value, bool):
         # Numbers may arrive as text: PyYAML reads `1e-3` as a string, and overrides always are.
         if int in kinds:
@@ -176,7 +175,7 @@ def validate(cfg):
     for key in ("seq_len", "steps", "batch_size", "micro_batch_size", "keep_last", "log_every"):
         if cfg[key] <= 0:
             fail(f"config key '{key}' must be positive, got {cfg[key]}")
-    for key in ("eval_every", "eval_tokens", "save_every", "sample_tokens", "lr", "lr_min", "weight_decay", "grad_clip", "warmup_steps", "cooldown_steps"):
+    for key in ("activation_checkpointing", "eval_every", "eval_tokens", "save_every", "sample_tokens", "lr", "lr_min", "weight_decay", "grad_clip", "warmup_steps", "cooldown_steps"):
         if cfg[key] < 0:
             fail(f"config key '{key}' must not be negative, got {cfg[key]}")
     if cfg["lr_min"] > cfg["lr"]:
@@ -383,6 +382,7 @@ def build_model(cfg, vocab_size, device, world, amp_dtype):
     the one to call may be DDP-wrapped, FSDP-sharded and/or compiled."""
     torch.manual_seed(cfg["seed"])  # same initial weights on every rank
     raw = Transformer(model_config(cfg, vocab_size), fast_ops=cfg["fast_ops"]).to(device)
+    raw.checkpoint_every = int(cfg["activation_checkpointing"])
     model = raw
     if world > 1 and cfg["parallelism"] == "fsdp":
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
@@ -466,8 +466,8 @@ def evaluate(model, tokens, cfg, device, amp_dtype, rank, world):
         y = y.clone()  # y and x are views of one tensor: writing y in place would change x too
         y[len(ids):] = -1
         with autocast(device, amp_dtype):
-            logits, _ = model(x)
-        total[0] += F.cross_entropy(logits.flatten(0, 1).float(), y.flatten(), ignore_index=-1, reduction="sum")
+            _, loss_sum = model(x, y, reduction="sum")
+        total[0] += loss_sum
         total[1] += (y != -1).sum()
     model.train()
     if world > 1:

@@ -57,6 +57,19 @@ sys.exit(train.main())
 """
 
 
+# train.py with fast_ops's chunked loss forced on at this tiny size (three chunks per micro-batch).
+CHUNKED_LOSS = """import os, sys
+sys.path.insert(0, os.getcwd())  # launched from the repo root
+import fast_ops, train
+fast_ops.MIN_CHUNKED_LOGITS, fast_ops.LOSS_CHUNK_LOGITS = 0, 24 * 128  # 24 rows of the 128-row head
+real, calls = fast_ops.ChunkedCrossEntropy.apply, []
+fast_ops.ChunkedCrossEntropy.apply = lambda *args: calls.append(1) or real(*args)
+code = train.main()
+print(f"rank {os.environ['RANK']}: chunked loss calls {len(calls)}", flush=True)
+sys.exit(code)
+"""
+
+
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     base = tmp_path_factory.mktemp("distributed")
@@ -76,6 +89,11 @@ def runs(tmp_path_factory):
     procs = {name: launch(n, [*common, f"--exp_name={name}", *extra]) for name, (_, n, extra) in resumed.items()}
     (base / "rank1_blind.py").write_text(RANK1_BLIND)
     procs["blind"] = launch(2, [*common, "--exp_name=blind"], script=str(base / "rank1_blind.py"))
+    # The memory savers: activation checkpointing and the chunked loss, under DDP and FSDP2.
+    (base / "chunked_loss.py").write_text(CHUNKED_LOSS)
+    for mode in ("ddp", "fsdp"):
+        procs[f"{mode}_memory"] = launch(2, [*common, f"--exp_name={mode}_memory", f"--parallelism={mode}",
+                                             "--activation_checkpointing=true"], script=str(base / "chunked_loss.py"))
     logs.update(finish(procs, failing=["blind"]))
     return {"dir": base, "logs": logs}
 
@@ -124,6 +142,18 @@ def test_two_ranks_train_like_one_process(runs, mode):
     files = os.listdir(runs["dir"] / mode)
     assert sorted(f for f in files if f.startswith("ckpt_")) == [f"ckpt_{s:07d}.pt" for s in (STEPS // 2, STEPS)]
     assert not [f for f in files if f.endswith(".tmp")]
+
+
+@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
+def test_memory_savers_train_like_one_process(runs, mode):
+    """Activation checkpointing + the chunked loss on 2 ranks: the single process's losses and weights."""
+    name = f"{mode}_memory"
+    assert f"2 process(es) on cpu ({mode})" in runs["logs"][name]
+    for rank in (0, 1):  # every training and evaluation forward went through it
+        assert f"rank {rank}: chunked loss calls {STEPS * 2 + 2 * 2}" in runs["logs"][name]
+    assert list(train_losses(runs, name)) == list(range(1, STEPS + 1))
+    assert_losses_close(train_losses(runs, name), train_losses(runs, "single"))
+    assert_state_close(load(runs, name)["model"], load(runs, "single")["model"])
 
 
 def test_ranks_read_disjoint_windows_covering_each_epoch():

@@ -36,6 +36,8 @@ def fast_everywhere(monkeypatch):
     if not fast_ops.ONEDNN:
         pytest.skip("fast_ops are used on x86 CPUs only")
     monkeypatch.setattr(fast_ops, "MIN_MATMUL_INPUT", 0)
+    monkeypatch.setattr(fast_ops, "MIN_CHUNKED_LOGITS", 0)
+    monkeypatch.setattr(fast_ops, "LOSS_CHUNK_LOGITS", 7 * 128)  # 7 rows of a 128-row head: several chunks, the last short
 
 
 def random_tokens(shape, vocab_size, seed=1):
@@ -197,9 +199,9 @@ def test_fast_ops_match_the_plain_model(overrides, fast_everywhere):
     idx, targets = random_tokens((2, 12), 100), random_tokens((2, 12), 100, seed=2)
     outputs = []
     for model in (plain, fast):
-        logits, loss = model(idx, targets)
+        logits, loss = model(idx)[0], model(idx, targets)[1]
         loss.backward()
-        outputs.append((logits.detach(), {name: p.grad for name, p in model.named_parameters()}))
+        outputs.append(((logits.detach(), loss.detach()), {name: p.grad for name, p in model.named_parameters()}))
     torch.testing.assert_close(outputs[1][0], outputs[0][0], rtol=1e-5, atol=1e-5)
     assert outputs[1][1].keys() == outputs[0][1].keys()
     for name, grad in outputs[0][1].items():
@@ -479,7 +481,7 @@ def test_padded_vocab_never_predicted_and_loss_ignores_minus_one():
     targets = random_tokens((2, 16), 65, seed=2)
     targets[0, :5] = -1
     targets[1, 10:] = -1
-    logits, loss = model(idx, targets)
+    logits, loss = model(idx)[0], model(idx, targets)[1]
     assert logits.shape == (2, 16, 65)
     keep = targets != -1
     expected = torch.nn.functional.cross_entropy(logits[keep], targets[keep])
@@ -493,19 +495,84 @@ def test_padded_vocab_never_predicted_and_loss_ignores_minus_one():
 
 def test_eager_and_compiled_agree(fast_everywhere):
     """One compile (fullgraph: no graph breaks) of a tiny GQA + QK-norm model, forward and backward,
-    through every fast op (the oneDNN custom op and the autograd Functions must trace)."""
-    model = make_model(n_layers=1, n_kv_heads=2, qk_norm=True, max_seq_len=16)
+    through every fast op (the oneDNN custom op, the autograd Functions, the chunked loss) and with
+    activation checkpointing, against the eager model without checkpointing."""
+    model = make_model(n_layers=2, n_kv_heads=2, qk_norm=True, max_seq_len=16)
     idx, targets = random_tokens((2, 16), 100), random_tokens((2, 16), 100, seed=2)
-    logits, loss = torch.compile(model, fullgraph=True)(idx, targets)
+    model.checkpoint_every = 2  # block 0 recomputed, block 1 not
+    _, loss = torch.compile(model, fullgraph=True)(idx, targets)
     loss.backward()
     compiled_grads = {n: p.grad.clone() for n, p in model.named_parameters()}
     model.zero_grad()
-    eager_logits, eager_loss = model(idx, targets)
+    model.checkpoint_every = 0
+    _, eager_loss = model(idx, targets)
     eager_loss.backward()
-    torch.testing.assert_close(logits, eager_logits, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(loss, eager_loss, rtol=1e-4, atol=1e-5)
     for name, p in model.named_parameters():
         torch.testing.assert_close(compiled_grads[name], p.grad, rtol=1e-3, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("tie,vocab_size", [(True, 100), (False, 65)])
+def test_chunked_loss_equals_the_plain_loss(tie, vocab_size, fast_everywhere):
+    """fast_ops's chunked LM head + cross-entropy: the loss and gradients of model.py's
+    F.cross_entropy(lm_head(x)), with ignored targets, a padded vocabulary (65 -> 128 rows), tied
+    and untied heads, "sum" (evaluation) and two accumulated micro-batches; the logits it never
+    holds at once are still returned without targets."""
+    plain, fast = (make_model(fast_ops=f, vocab_size=vocab_size, tie_embeddings=tie) for f in (False, True))
+    fast.load_state_dict(plain.state_dict())
+    batches = [(random_tokens((2, 12), vocab_size, seed=s), random_tokens((2, 12), vocab_size, seed=s + 10)) for s in (1, 2)]
+    batches[0][1][0, :5] = -1
+    for model in (plain, fast):
+        for idx, targets in batches:  # gradient accumulation: half of each micro-batch's loss
+            (model(idx, targets)[1] / 2).backward()
+    for (name, p), q in zip(plain.named_parameters(), fast.parameters()):
+        torch.testing.assert_close(q.grad, p.grad, rtol=1e-4, atol=1e-6, msg=name)
+    if vocab_size == 65:
+        assert fast.lm_head.weight.grad[65:].abs().sum() == 0  # padded rows: never predicted
+    idx, targets = batches[0]
+    with torch.no_grad():
+        for reduction in ("mean", "sum"):
+            torch.testing.assert_close(fast(idx, targets, reduction=reduction)[1], plain(idx, targets, reduction=reduction)[1])
+        torch.testing.assert_close(fast(idx)[0], plain(idx)[0])
+    for model in (plain, fast):  # GPUs train under bf16 autocast: the same there, within bf16 rounding
+        model.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = model(idx, targets)[1]
+        assert loss.dtype == torch.float32
+        loss.backward()
+    for (name, p), q in zip(plain.named_parameters(), fast.parameters()):
+        torch.testing.assert_close(q.grad, p.grad, rtol=0.05, atol=0.02 * p.grad.abs().max().item(), msg=name)
+
+
+def test_chunked_loss_holds_one_chunk_of_logits(monkeypatch):
+    """What the memory saving rests on: with targets, no tensor of (tokens x vocab) is kept for
+    backward or allocated at once, only LOSS_CHUNK_LOGITS-sized pieces (counted with a dispatch mode)."""
+    if not fast_ops.ONEDNN:
+        pytest.skip("fast_ops are used on x86 CPUs only")
+    monkeypatch.setattr(fast_ops, "MIN_CHUNKED_LOGITS", 0)
+    monkeypatch.setattr(fast_ops, "LOSS_CHUNK_LOGITS", 16 * 1024)
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Largest(TorchDispatchMode):
+        """The most elements any op's output had."""
+        biggest = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for t in (out if isinstance(out, (tuple, list)) else (out,)):
+                if isinstance(t, torch.Tensor):
+                    Largest.biggest = max(Largest.biggest, t.numel())
+            return out
+
+    idx = random_tokens((4, 32), 1000)  # 128 tokens x 1024 padded vocab: 131k logits
+    for fast in (False, True):
+        Largest.biggest = 0
+        with Largest():
+            make_model(vocab_size=1000, n_layers=1, fast_ops=fast)(idx, idx)[1].backward()
+        if fast:  # the largest are the weight-sized (1024 x 32) head gradient and chunks of 16 x 1024
+            assert Largest.biggest == 1024 * 32
+        else:
+            assert Largest.biggest >= 128 * 1024
 
 
 @pytest.mark.parametrize("overrides", VARIANTS)

@@ -76,6 +76,16 @@ def test_resume_is_bit_exact(straight_run, tmp_path):
     assert [r["train_loss"] for r in metrics(str(run_dir))] == [r["train_loss"] for r in metrics(straight_run)][10:]
 
 
+@pytest.mark.parametrize("every", ["true", "2"])
+def test_activation_checkpointing_trains_exactly_the_same(straight_run, tmp_path, every):
+    """Recomputing every block (true) or every 2nd block (2) in backward changes memory, not results:
+    the same losses and final weights, bit for bit."""
+    data_dir = final_state(straight_run)["config"]["data_dir"]
+    assert run_train(tiny_args(data_dir, str(tmp_path), "ac", activation_checkpointing=every)) == 0
+    assert [r["train_loss"] for r in metrics(str(tmp_path / "ac"))] == [r["train_loss"] for r in metrics(straight_run)]
+    assert_same_state(final_state(straight_run), final_state(str(tmp_path / "ac")))
+
+
 def test_sigterm_mid_run_then_resume_equals_straight_run(straight_run, tmp_path):
     data_dir = final_state(straight_run)["config"]["data_dir"]
     # Signal as soon as step 3 is logged; the run stops at the end of whatever step it is in.
@@ -211,6 +221,10 @@ def config_error(tmp_path, text, *overrides):
     ("steps: 100\nwarmup_steps: 90\ncooldown_steps: 20\nscheduler: wsd\n", [], r"warmup_steps \(90\) \+ cooldown_steps \(20\) exceed steps"),
     ("d_model: 100\nn_heads: 3\n", [], "bad model shape: d_model=100 is not divisible by n_heads=3"),
     ("lr: -1\n", [], "'lr' must not be negative"),
+    ("", ["--activation_checkpointing=sometimes"], "config key 'activation_checkpointing' must be bool or int"),
+    ("activation_checkpointing: -2\n", [], "'activation_checkpointing' must not be negative"),
+    ("d_model: 0\n", [], "bad model shape: d_model must be a positive integer, got 0"),
+    ("mlp: gelu\n", [], "bad model shape: mlp must be 'glu' or 'relu2', got 'gelu'"),
     ("lr: [1, 2\n", [], "is not valid YAML"),
     ("- a\n- b\n", [], "must be a mapping"),
     ("", ["steps=5"], "overrides are written --key=value"),
