@@ -5,6 +5,7 @@ side with Hugging Face's LlamaForCausalLM of the same shape.
     python bench.py configs/bench_cpu.yaml --data dummy --vocab_size 65 --compile=true --compare hf
     python bench.py configs/shakespeare_char.yaml --ops
     python bench.py --prepare shakespeare
+    python bench.py configs/bench_cpu.yaml --checkpoint --vocab_size 65 --d_model=512 --n_heads=8 --n_layers=8
 
 The step it times is train.py's own: the same config keys, data sampler, model build (compile,
 precision), optimizer and train_step. Our model and the Hugging Face one run in the same process,
@@ -430,6 +431,48 @@ def bench_ops(cfg, args):
 # -----------------------------------------------------------------------------
 # --prepare: prepare.py's tokenizing speed against tiktoken's own batch encoder.
 
+def bench_checkpoint(cfg, args):
+    """Seconds to save and to load a checkpoint of this config's model with its AdamW state, and what
+    train.py's safety checks add: the tensor checksum (computed on save, verified on load) and the
+    NaN/inf check of everything saved. Files go to a temporary folder in out_dir (a real disk)."""
+    import tempfile
+    from model import Transformer
+    from train import make_optimizer, non_finite, read_checkpoint, tensor_checksum, write_checkpoint
+    vocab = args.vocab_size or read_meta(cfg["data_dir"])["vocab_size"]
+    raw = Transformer(model_config(cfg, vocab), fast_ops=False)
+    optimizer = make_optimizer(raw, cfg)
+    for p in raw.parameters():
+        p.grad = torch.zeros_like(p)
+    optimizer.step()  # creates AdamW's two state tensors per parameter, as in a real checkpoint
+    state = {"model": raw.state_dict(), "optimizer": optimizer.state_dict()}
+    times = {"finite_check_s": [], "checksum_s": [], "save_s": [], "load_s": []}
+    os.makedirs(cfg["out_dir"], exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=cfg["out_dir"]) as tmp:
+        path = os.path.join(tmp, "ckpt.pt")
+        for _ in range(args.rounds):
+            t0 = time.perf_counter()
+            non_finite(state["model"], state["optimizer"])
+            t1 = time.perf_counter()
+            state["checksum"] = {"crc32": tensor_checksum(state)}
+            t2 = time.perf_counter()
+            write_checkpoint(state, path)  # torch.save, fsync, rename
+            t3 = time.perf_counter()
+            read_checkpoint(path)  # torch.load, then the checksum verified again
+            t4 = time.perf_counter()
+            for key, t in zip(times, (t1 - t0, t2 - t1, t3 - t2, t4 - t3)):
+                times[key].append(t)
+        size_mb = os.path.getsize(path) / 2**20
+    res = {key: statistics.median(values) for key, values in times.items()}
+    res.update(params_m=raw.num_params() / 1e6, file_mb=size_mb)
+    print(f"checkpoint of {res['params_m']:.1f}M parameters + AdamW state: {size_mb:.0f} MB, median of {args.rounds} rounds")
+    print(f"  save {res['save_s']:.2f} s + checksum {res['checksum_s']:.3f} s + NaN/inf check {res['finite_check_s']:.3f} s "
+          f"({100 * (res['checksum_s'] + res['finite_check_s']) / res['save_s']:.0f}% more)")
+    print(f"  load {res['load_s']:.2f} s, of which verifying the checksum {res['checksum_s']:.3f} s "
+          f"({100 * res['checksum_s'] / (res['load_s'] - res['checksum_s']):.0f}% more than torch.load alone)")
+    print(json.dumps(res))
+    return 0
+
+
 def raw_encode_seconds(source, tokenizer="gpt2", num_proc=2):
     """-> (tokens, wall s, CPU s) of tiktoken's own encode_ordinary_batch over the source's text,
     all of it held in memory."""
@@ -554,6 +597,8 @@ def parse_args(argv):
                         help="instead: measure prepare.py's tokens/s on source SRC against tiktoken's "
                              "encode_ordinary_batch on all cores")
     parser.add_argument("--tokenizer", default="gpt2", help="tokenizer for --prepare (default gpt2)")
+    parser.add_argument("--checkpoint", action="store_true",
+                        help="time saving and loading a checkpoint of the config's model, and what its checksum costs")
     parser.add_argument("--_worker", choices=("ours", "hf"), help=argparse.SUPPRESS)
     args, overrides = parser.parse_known_args(argv)
     if not args.prepare and not args.config:
@@ -572,6 +617,8 @@ def main(argv=None):
     cfg = load_config(args.config, overrides, args.job_idx)
     if args.ops:
         return bench_ops(cfg, args)
+    if args.checkpoint:
+        return bench_checkpoint(cfg, args)
     return bench(cfg, args, argv)
 
 

@@ -25,6 +25,7 @@ document (so a corpus that is one big file still gets a val split).
 """
 import argparse
 import collections
+import contextlib
 import functools
 import glob
 import gzip
@@ -288,6 +289,8 @@ def local_units(files, field, progress, cut_pieces=True):
                     text, ends = row if isinstance(row, tuple) else (row, True)
                     if text is not None and not isinstance(text, str):
                         fail(f"{path}: field {field!r} holds {type(text).__name__}, not text")
+                    if kind not in ("json", "jsonl", "parquet") and "\0" in text:
+                        fail(f"{path} is not text (it holds NUL bytes): leave binary files out of --source")
                     if text:  # an empty document has nothing to keep
                         yield text, ends
                     progress.bytes_done = done_before + raw.tell()
@@ -376,10 +379,22 @@ def batched(units):
 _worker = {}  # this worker's tokenizer and dtype, set once by init_worker
 
 
-def init_worker(tokenizer, dtype):
+def init_worker(tokenizer, dtype, parent):
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the main process's business
     signal.signal(signal.SIGTERM, signal.SIG_DFL)  # not the main process's handler
+    die_with_parent(parent)
     _worker.update(tokenizer=tokenizer, dtype=dtype)
+
+
+def die_with_parent(parent):
+    """A worker exits when the main process dies, even by SIGKILL (which it cannot clean up after):
+    otherwise the workers wait forever for work, orphaned. Linux: prctl(PR_SET_PDEATHSIG)."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+        with contextlib.suppress(OSError, AttributeError):
+            ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
+    if os.getppid() != parent:  # it died before prctl took effect
+        os._exit(1)
 
 
 def encode_batch(batch):
@@ -405,7 +420,7 @@ def encoded_batches(batches, tokenizer, dtype, num_proc):
         return
     methods = multiprocessing.get_all_start_methods()
     context = multiprocessing.get_context("fork" if "fork" in methods else None)
-    with ProcessPoolExecutor(num_proc, context, init_worker, (tokenizer, dtype)) as pool:
+    with ProcessPoolExecutor(num_proc, context, init_worker, (tokenizer, dtype, os.getpid())) as pool:
         pending = collections.deque()
         for batch in batches:
             pending.append(pool.submit(encode_batch, batch))
@@ -492,10 +507,13 @@ def say_if_complete(args, out):
         return False
     changed = [k for k, v in vars(args).items()
                if k not in ("out", "overwrite", "num_proc") and old.get("args", {}).get(k, v) != v]
-    note = f"; it was built with other {', '.join(changed)}" if changed else ""
+    if changed:  # "nothing to do" would hide that the data there is not what this command asks for
+        was = ", ".join(f"{k} {old['args'][k]!r}" for k in changed)
+        fail(f"--out {args.out} is already complete but was built with other {', '.join(changed)} ({was}): "
+             f"choose another --out, or pass --overwrite to rebuild it")
     train, val = (old["splits"][s]["tokens"] for s in ("train", "val"))
     print(f"prepare.py: {args.out} is already complete ({train:,} train + {val:,} val tokens, "
-          f"tokenizer {old['tokenizer']}){note}; nothing to do (--overwrite rebuilds it)", file=sys.stderr)
+          f"tokenizer {old['tokenizer']}); nothing to do (--overwrite rebuilds it)", file=sys.stderr)
     return True
 
 
@@ -592,8 +610,10 @@ def parse_args(argv=None):
                    help="vocabulary of --source dummy (default: 50257)")
     p.add_argument("--overwrite", action="store_true", help="rebuild even if --out is complete")
     args = p.parse_args(argv)
-    if args.num_proc < 1 or args.vocab_size < 2 or args.val_tokens < 0 or (args.max_tokens or 1) < 1:
-        p.error("--num_proc and --max_tokens must be >= 1, --val_tokens >= 0, --vocab_size >= 2")
+    if args.num_proc < 1 or args.vocab_size < 2 or (args.max_tokens or 1) < 1:
+        p.error("--num_proc and --max_tokens must be >= 1, --vocab_size >= 2")
+    if args.val_tokens < 0:
+        fail(f"--val_tokens must be >= 0, got {args.val_tokens}")
     if args.source == "dummy":
         args.tokenizer, args.max_tokens = "dummy", args.max_tokens or 1_000_000
     return args
@@ -634,6 +654,9 @@ def main(argv=None):
             fail(f"--source {args.source!r} holds no text (empty corpus)")
         if train == 0:
             fail(f"all {val:,} tokens went to val: lower --val_tokens (now {args.val_tokens:,})")
+        if val == 0 and args.val_tokens > 0:
+            fail(f"no document went to val.bin: the corpus ({counts['train']['docs']:,} documents) is too small for a "
+                 f"validation split; add documents, or try another --seed")
         progress.update(train + val, final=True)
         meta = {"format": 1, "complete": True, "tokenizer": tokenizer.name,
                 "vocab_size": tokenizer.vocab_size, "eot_id": tokenizer.eot_id,
@@ -645,11 +668,17 @@ def main(argv=None):
             f.flush()
             os.fsync(f.fileno())
         move_into_place(tmp, out)
+    except OSError as e:  # disk full, quota, I/O error: the temp folder goes, --out stays as it was
+        fail(f"cannot write next to --out {args.out} ({e.strerror or e}): free space or choose another place; "
+             f"--out was left as it was")
     finally:
         shutil.rmtree(tmp, ignore_errors=True)  # still there only when something went wrong
-    if val == 0 and args.val_tokens > 0:
-        print("prepare.py: warning: val.bin is empty (the corpus is too small for --val_tokens)",
-              file=sys.stderr)
+    if args.val_tokens == 0:
+        print("prepare.py: warning: --val_tokens 0 leaves val.bin empty: train.py refuses this folder (it evaluates "
+              "on val.bin); use it to inspect tokens, or give --val_tokens to train on it", file=sys.stderr)
+    elif args.val_tokens > (train + val) / 2:
+        print(f"prepare.py: warning: --val_tokens {args.val_tokens:,} is more than half of the corpus "
+              f"({train + val:,} tokens): val.bin got {val:,} tokens, train.bin only {train:,}", file=sys.stderr)
     main_mb, worker_mb = peak_rss_mb()
     print(f"prepare.py: wrote {args.out}: train {train:,} tokens ({counts['train']['docs']:,} docs), val "
           f"{val:,} tokens ({counts['val']['docs']:,} docs), {meta['dtype']}; peak RSS main {main_mb} MB, "

@@ -103,8 +103,13 @@ def main(argv=None):
     if args.prompt_file:
         if not os.path.isfile(args.prompt_file):
             fail(f"prompt file '{args.prompt_file}' not found")
-        with open(args.prompt_file, encoding="utf-8") as f:
-            args.prompt = f.read()
+        try:
+            with open(args.prompt_file, encoding="utf-8") as f:
+                args.prompt = f.read()
+        except UnicodeDecodeError as e:
+            fail(f"prompt file '{args.prompt_file}' is not UTF-8 text ({e.reason}); convert it, e.g. with iconv")
+        if "\x00" in args.prompt:
+            fail(f"prompt file '{args.prompt_file}' is not text (it holds NUL bytes); pass a text file")
     device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     if not device.startswith(("cpu", "cuda")):
         fail(f"unknown --device '{device}': use auto, cpu, cuda or cuda:N")

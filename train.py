@@ -21,10 +21,14 @@ import random
 import resource
 import shutil
 import signal
+import socket
 import sys
+import threading
 import time
 import typing
+import uuid
 import warnings
+import zlib
 
 import numpy as np
 import torch
@@ -137,6 +141,9 @@ def check_known(keys, where):
 
 def load_config(path, overrides=(), job_idx=None):
     """YAML file -> sweep job -> --key=value overrides -> defaults -> validated flat dict."""
+    for item in overrides:  # `--lr 1e-3`: the value became a separate word (or the config file's name)
+        if item.startswith("--") and "=" not in item and item[2:] in CONFIG:
+            fail(f"'{item}' has no value: overrides are written {item}=VALUE, with '=' and no space")
     raw = {}
     if path:
         if not os.path.isfile(path):
@@ -255,18 +262,36 @@ def read_meta(data_dir):
     if not os.path.isfile(path):
         fail(f"no data in '{data_dir}' (meta.json missing): run `python prepare.py --source shakespeare "
              f"--tokenizer char --out {data_dir}` or set data_dir")
-    with open(path) as f:
-        meta = json.load(f)
-    if not meta.get("complete"):
+    try:
+        with open(path, "rb") as f:
+            meta = json.load(f)
+    except ValueError as e:
+        fail(f"'{path}' is not valid JSON ({type(e).__name__}): run prepare.py again with --overwrite")
+    if not isinstance(meta, dict) or not meta.get("complete"):
         fail(f"'{path}' marks an incomplete data set: run prepare.py again with --overwrite")
+    missing = [key for key in ("tokenizer", "vocab_size", "dtype", "splits") if key not in meta]
+    if missing:
+        fail(f"'{path}' lacks {', '.join(missing)}: it was not written by prepare.py, or was edited; "
+             f"run prepare.py again with --overwrite")
     return meta
 
 
 def open_tokens(data_dir, split, meta):
+    """The split's tokens, memory-mapped, after checking that the file is as long as meta.json says."""
     path = os.path.join(data_dir, f"{split}.bin")
     if not os.path.isfile(path):
         fail(f"'{path}' is missing: run prepare.py again with --overwrite")
-    return np.memmap(path, dtype=np.dtype(meta["dtype"]), mode="r")
+    dtype, size = np.dtype(meta["dtype"]), os.path.getsize(path)
+    expected = meta["splits"].get(split, {}).get("tokens") if isinstance(meta["splits"], dict) else None
+    if size % dtype.itemsize:
+        fail(f"'{path}' is {size} bytes, not a whole number of {dtype.name} tokens: it is damaged or was cut "
+             f"short; run prepare.py again with --overwrite")
+    if size // dtype.itemsize != expected:
+        fail(f"'{path}' holds {size // dtype.itemsize} tokens but meta.json says {expected}: it was cut short or "
+             f"comes from another prepare.py run; run prepare.py again with --overwrite")
+    if size == 0:
+        fail(f"'{path}' is empty: run prepare.py again with --overwrite and a corpus (or --val_tokens) that fills it")
+    return np.memmap(path, dtype=dtype, mode="r")
 
 
 class Sampler:
@@ -479,16 +504,49 @@ def evaluate(model, tokens, cfg, device, amp_dtype, rank, world):
 # Checkpoints: <run>/ckpt_<step>.pt, written to a temporary name, fsynced, then renamed, so a
 # file with the final name is always complete. Model and optimizer are saved whole (unsharded,
 # parameter names as keys), so a checkpoint loads with any number of ranks, DDP or FSDP.
+# A CRC32 of every tensor's bytes is saved with them: torch.load does not notice flipped bytes
+# inside tensor data, so without it silent corruption would be resumed from (or sampled) as if fine.
+
+class DamagedCheckpoint(Exception):
+    """The file itself is bad (empty, truncated, not a checkpoint, tensors that fail their checksum)."""
+
 
 def checkpoint_paths(run_dir):
     """Complete-looking checkpoints, newest first."""
     return sorted(glob.glob(os.path.join(run_dir, "ckpt_*.pt")), reverse=True)
 
 
+def tensors_of(state, name=""):
+    """(name, tensor) of every tensor in a nested checkpoint dict or list, in a fixed order."""
+    if isinstance(state, torch.Tensor):
+        yield name, state
+    elif isinstance(state, dict):
+        for key in sorted(state, key=str):
+            yield from tensors_of(state[key], f"{name}/{key}")
+    elif isinstance(state, (list, tuple)):
+        for i, item in enumerate(state):
+            yield from tensors_of(item, f"{name}/{i}")
+
+
+def tensor_checksum(state):
+    """CRC32 of the bytes of every tensor (zlib's is about 4 GB/s on one core)."""
+    crc = 0
+    for _, tensor in tensors_of({key: value for key, value in state.items() if key != "checksum"}):
+        crc = zlib.crc32(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy(), crc)
+    return crc
+
+
+def non_finite(model_state, optim_state):
+    """Names of the floating-point tensors to be saved that hold a NaN or an inf (aminmax: one fast pass)."""
+    return [name for name, t in tensors_of({"model": model_state, "optimizer": optim_state})
+            if t.is_floating_point() and t.numel() and not torch.isfinite(torch.stack(torch.aminmax(t))).all()]
+
+
 def save_checkpoint(run_dir, step, raw, optimizer, scaler, sampler, cfg, meta, rank, world, keep_last):
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
     # Collective under FSDP: every rank takes part, rank 0 receives the full tensors.
     model_state, optim_state = get_state_dict(raw, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    refuse_diverged_state(run_dir, step, model_state, optim_state, rank, world)
     rng = {"torch": torch.get_rng_state(), "python": random.getstate(),
            "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None}
     rngs = [None] * world
@@ -499,18 +557,59 @@ def save_checkpoint(run_dir, step, raw, optimizer, scaler, sampler, cfg, meta, r
     if rank == 0:
         state = {"model": model_state, "optimizer": optim_state, "scaler": scaler.state_dict(), "sampler": sampler.state_dict(),
                  "step": step, "rng": rngs, "config": cfg, "model_config": dataclasses.asdict(raw.cfg), "meta": meta}
-        path = os.path.join(run_dir, f"ckpt_{step:07d}.pt")
-        tmp = path + ".tmp"
+        state["checksum"] = {"crc32": tensor_checksum(state)}
+        check_run_lock(run_dir)  # a trainer that lost the run folder to another one must not write into it
+        write_checkpoint(state, os.path.join(run_dir, f"ckpt_{step:07d}.pt"))
+        for old in checkpoint_paths(run_dir)[keep_last:]:
+            os.remove(old)
+    if world > 1:
+        dist.barrier()
+
+
+def write_checkpoint(state, path):
+    """Write to a temporary name of this process's own, fsync, rename. On an error (disk full), no
+    partial file stays behind and the run stops with one line; the older checkpoints are untouched."""
+    tmp = f"{path}.tmp-{os.getpid()}@{socket.gethostname()}"
+    try:
         with open(tmp, "wb") as f:
             torch.save(state, f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-        fsync_dir(run_dir)
-        for old in checkpoint_paths(run_dir)[keep_last:]:
-            os.remove(old)
+        fsync_dir(os.path.dirname(path))
+    except (OSError, RuntimeError) as e:  # torch.save reports a failed write as a RuntimeError
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        reason = e.strerror if isinstance(e, OSError) else first_line(e)
+        if isinstance(e, RuntimeError) and "file write failed" in reason:
+            reason = disk_error(os.path.dirname(path)) or reason
+        fail(f"cannot write checkpoint '{path}' ({reason}): free space or fix the filesystem, then run the same "
+             f"command again; it continues from the newest checkpoint there")
+
+
+def disk_error(folder):
+    """The likely reason a write into folder failed, e.g. 'No space left on device'; None if unknown."""
+    with contextlib.suppress(OSError):
+        if os.statvfs(folder).f_bavail == 0:
+            return os.strerror(28)  # ENOSPC
+    return None
+
+
+def refuse_diverged_state(run_dir, step, model_state, optim_state, rank, world):
+    """Never save NaN/inf weights or optimizer state: the last checkpoint must stay a good one. A step
+    whose gradient was NaN can still log a finite loss (it was computed before the update)."""
+    bad = non_finite(model_state, optim_state) if rank == 0 else None
     if world > 1:
-        dist.barrier()
+        flag = [bad]
+        dist.broadcast_object_list(flag, src=0)  # every rank stops at the same step
+        bad = flag[0]
+    if bad:
+        good = checkpoint_paths(run_dir)
+        way = (f"continue from the last good checkpoint with a lower lr in a new run folder: "
+               f"--init_from={good[0]} --exp_name=<new name> --lr=<lower>" if good else
+               "start over with a lower lr or a longer warmup")
+        fail(f"the model diverged: weights or optimizer state are not finite at step {step} ({bad[0]}"
+             f"{f' and {len(bad) - 1} more' if len(bad) > 1 else ''}); nothing was saved; {way}")
 
 
 def fsync_dir(path):
@@ -521,14 +620,46 @@ def fsync_dir(path):
         os.close(fd)
 
 
+def first_line(error):
+    return (str(error).strip().splitlines() or [type(error).__name__])[0][:100]
+
+
+def read_checkpoint(path):
+    """The checkpoint dict in a file. DamagedCheckpoint when the file is bad; OSError when it cannot be
+    read (permission denied, an I/O error): then the file may be fine, and nobody should skip it."""
+    with open(path, "rb") as f:
+        if os.fstat(f.fileno()).st_size == 0:
+            raise DamagedCheckpoint("empty file")
+        try:
+            ckpt = torch.load(f, map_location="cpu", weights_only=True)
+        except OSError:
+            raise
+        except Exception as e:  # a truncated zip, a half-copied file, unpickling errors, ...
+            raise DamagedCheckpoint(f"{type(e).__name__}: {first_line(e)}") from None
+    if isinstance(ckpt, dict) and isinstance(ckpt.get("checksum"), dict):
+        if tensor_checksum(ckpt) != ckpt["checksum"].get("crc32"):
+            raise DamagedCheckpoint("tensor data does not match its checksum")
+    return ckpt
+
+
 def load_newest_checkpoint(paths, log):
-    """The newest checkpoint that loads; truncated or corrupt ones are skipped with a warning."""
+    """(path, checkpoint, damaged paths skipped) of the newest checkpoint that loads; damaged files are
+    skipped with a warning. ValueError when a file cannot be read at all."""
+    damaged = []
     for path in paths:
         try:
-            return path, torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as e:  # a truncated zip, a half-copied file, ...
-            log(f"warning: skipping unreadable checkpoint {path} ({type(e).__name__}: {str(e).splitlines()[0][:100]})")
-    return None, None
+            ckpt = read_checkpoint(path)
+        except DamagedCheckpoint as e:
+            log(f"warning: skipping unreadable checkpoint {path} ({e})")
+            damaged.append(path)
+            continue
+        except OSError as e:
+            raise ValueError(f"cannot read checkpoint '{path}' ({e.strerror or first_line(e)}): fix its permissions or "
+                             f"the filesystem, then run again (the file itself may be fine)") from None
+        if isinstance(ckpt, dict) and "checksum" not in ckpt:
+            log(f"note: {path} has no checksum (written before plainLM recorded one): loaded without verifying it")
+        return path, ckpt, damaged
+    return None, None, damaged
 
 
 def find_checkpoint(path, log):
@@ -542,12 +673,59 @@ def find_checkpoint(path, log):
         paths = [path]
     else:
         raise ValueError(f"'{path}' is neither a run folder nor a checkpoint file")
-    found, ckpt = load_newest_checkpoint(paths, log)
+    found, ckpt, _ = load_newest_checkpoint(paths, log)
     if ckpt is None:
         raise ValueError(f"no readable checkpoint in '{path}'")
     if not isinstance(ckpt, dict) or not {"model", "model_config", "meta"} <= set(ckpt):
         raise ValueError(f"'{found}' is not a plainLM checkpoint (it needs the keys model, model_config and meta)")
     return found, ckpt
+
+
+def checkpoint_to_resume(run_dir, log):
+    """(path, checkpoint, damaged newer files) to continue this run from, or (None, None, []) for a new
+    run. Stops when checkpoints exist but none loads: starting over is the user's choice, never a default."""
+    paths = checkpoint_paths(run_dir)
+    try:
+        path, ckpt, damaged = load_newest_checkpoint(paths, log)
+    except ValueError as e:
+        fail(str(e))
+    if paths and ckpt is None:
+        fail(f"every checkpoint in '{run_dir}' is damaged ({', '.join(os.path.basename(p) for p in paths)}); nothing "
+             f"was changed: to start over, move them out of the folder (or delete them), or use another exp_name")
+    return path, ckpt, damaged
+
+
+def set_aside_damaged(damaged, resumed_from, log):
+    """Rename damaged checkpoints newer than the one resumed from to *.damaged: the new checkpoint of
+    that step must not overwrite them silently, and keep_last must not count them."""
+    for path in damaged:
+        os.replace(path, path + ".damaged")
+        log(f"moved damaged {os.path.basename(path)} aside to {path}.damaged (continuing from {resumed_from})")
+
+
+IDENTITY_OF_DATA = ("tokenizer", "vocab_size", "eot_id", "dtype", "chars", "source", "splits")
+
+
+def check_same_run(cfg, meta, ckpt, path):
+    """Resuming must continue the same training: the config (even when config.yaml is gone) and the data
+    the checkpoint was trained with. A deliberate change branches into a new run with init_from."""
+    branch = f"to train on with this config and data, branch: --init_from={path} --exp_name=<new name>"
+    saved = ckpt.get("config", {})
+    changed = [k for k in sorted(set(saved) | set(cfg)) if k not in RESUMABLE_CHANGES and k in CONFIG
+               and saved.get(k, DEFAULTS[k]) != cfg.get(k, DEFAULTS[k])]
+    if changed:
+        diff = ", ".join(f"{k}: {saved.get(k, DEFAULTS[k])!r} -> {cfg.get(k)!r}" for k in changed[:4])
+        fail(f"checkpoint {path} was trained with another config ({diff}); use that config to resume, or {branch}")
+    changed = [k for k in IDENTITY_OF_DATA if ckpt["meta"].get(k) != meta.get(k)]
+    if changed:
+        diff = ", ".join(f"{k}: {short(ckpt['meta'].get(k))} -> {short(meta.get(k))}" for k in changed[:3])
+        fail(f"the data in '{cfg['data_dir']}' is not the data {path} was trained on ({diff}): point data_dir at "
+             f"that data, or {branch}")
+
+
+def short(value):
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
 
 
 def restore(ckpt, raw, optimizer, scaler, sampler, rank):
@@ -565,28 +743,199 @@ def restore(ckpt, raw, optimizer, scaler, sampler, rank):
 
 
 def prepare_run_dir(cfg, overwrite, log):
-    """Create the run folder, or check that the one there holds this same experiment."""
+    """Create the run folder and take its lock, or check that the one there holds this same experiment.
+    config.yaml is written later, by write_run_config, once the start has been checked."""
     run_dir = run_dir_of(cfg)
-    saved_path = os.path.join(run_dir, "config.yaml")
-    if os.path.isfile(saved_path):
-        with open(saved_path) as f:
-            saved = yaml.safe_load(f) or {}
-        changed = sorted(k for k in set(saved) | set(cfg) if k not in RESUMABLE_CHANGES and saved.get(k) != cfg.get(k))
-        if changed and overwrite:
-            backup = f"{run_dir}.old-{time.strftime('%Y%m%d-%H%M%S')}"
-            os.replace(run_dir, backup)
-            log(f"--overwrite: moved the previous run folder to {backup}")
-        elif changed:
-            diff = ", ".join(f"{k}: {saved.get(k)!r} -> {cfg.get(k)!r}" for k in changed[:4])
-            fail(f"run folder '{run_dir}' holds a different experiment ({diff}): choose another exp_name, "
-                 f"or pass --overwrite to move that folder aside and start over")
-        elif cfg["resume"] == "never" and checkpoint_paths(run_dir):
-            fail(f"run folder '{run_dir}' already has checkpoints and resume is 'never': choose another exp_name")
-    os.makedirs(run_dir, exist_ok=True)
-    with open(saved_path + ".tmp", "w") as f:
-        yaml.safe_dump(cfg, f, sort_keys=False)
-    os.replace(saved_path + ".tmp", saved_path)
+    make_run_dir(run_dir)
+    acquire_run_lock(run_dir, log)
+    saved = read_run_config(run_dir, log)
+    changed = sorted(k for k in set(saved or {}) | set(cfg) if k not in RESUMABLE_CHANGES and saved.get(k) != cfg.get(k)) \
+        if saved is not None else []
+    has_checkpoints = bool(checkpoint_paths(run_dir))
+    if changed and not has_checkpoints:  # nothing was trained with it: a start that failed early
+        log(f"note: replacing config.yaml of '{run_dir}', which has no checkpoints ({changed[0]} and others changed)")
+    elif changed and overwrite:
+        backup = f"{run_dir}.old-{time.strftime('%Y%m%d-%H%M%S')}"
+        release_run_lock()
+        os.replace(run_dir, backup)
+        log(f"--overwrite: moved the previous run folder to {backup}")
+        make_run_dir(run_dir)
+        acquire_run_lock(run_dir, log)
+    elif changed:
+        diff = ", ".join(f"{k}: {saved.get(k)!r} -> {cfg.get(k)!r}" for k in changed[:4])
+        fail(f"run folder '{run_dir}' holds a different experiment ({diff}): choose another exp_name, "
+             f"or pass --overwrite to move that folder aside and start over")
+    elif cfg["resume"] == "never" and has_checkpoints:
+        fail(f"run folder '{run_dir}' already has checkpoints and resume is 'never': choose another exp_name")
     return run_dir
+
+
+def make_run_dir(run_dir):
+    try:
+        os.makedirs(run_dir, exist_ok=True)
+    except OSError as e:
+        fail(f"cannot create run folder '{run_dir}' ({e.strerror}): set out_dir to a writable place")
+
+
+def read_run_config(run_dir, log):
+    """The run's config.yaml as a dict; None when there is none or it is damaged (said so: the
+    checkpoints keep their own config, which resume checks, and config.yaml is written again)."""
+    path = os.path.join(run_dir, "config.yaml")
+    if not os.path.isfile(path):
+        return None
+    try:
+        with open(path) as f:
+            saved = yaml.safe_load(f)
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        saved = f"{type(e).__name__}"
+    if not isinstance(saved, dict):
+        log(f"warning: {path} is not valid YAML ({saved}); it will be written again from this command's config "
+            f"(a resume still checks the config saved in the checkpoint)")
+        return None
+    return saved
+
+
+def write_run_config(cfg, run_dir):
+    path = os.path.join(run_dir, "config.yaml")
+    with open(path + ".tmp", "w") as f:
+        yaml.safe_dump(cfg, f, sort_keys=False)
+    os.replace(path + ".tmp", path)
+
+
+# The run lock, <run>/train.lock: one trainer at a time writes a run folder (a requeued job may start
+# while its predecessor still runs, and two trainers on one folder overwrite each other's
+# checkpoints). Rank 0 holds it and refreshes its time stamp every LOCK_HEARTBEAT_S from a thread.
+# A lock is stale when its process is gone (same host) or it was not refreshed for LOCK_STALE_S
+# (any host: that is all a shared filesystem lets another node see); a stale lock is taken over.
+
+LOCK_NAME, LOCK_HEARTBEAT_S, LOCK_STALE_S = "train.lock", 20, 120
+RUN_LOCK = {}  # path, token and heartbeat of the lock this process holds
+
+
+def describe_holder(holder):
+    if not holder:
+        return "an unknown trainer (the lock file is unreadable)"
+    job = f" (SLURM job {holder['job']})" if holder.get("job") else ""
+    return f"pid {holder.get('pid')} on {holder.get('host')}{job}"
+
+
+def read_lock(path):
+    """(holder dict, mtime) of a lock file; ({}, mtime) while it is half-written; None when it is gone."""
+    try:
+        with open(path) as f:
+            text, mtime = f.read(), os.fstat(f.fileno()).st_mtime
+    except FileNotFoundError:
+        return None
+    try:
+        holder = json.loads(text)
+    except ValueError:
+        holder = {}
+    return (holder if isinstance(holder, dict) else {}), mtime
+
+
+def acquire_run_lock(run_dir, log):
+    path = os.path.join(run_dir, LOCK_NAME)
+    me = {"host": socket.gethostname(), "pid": os.getpid(), "job": os.environ.get("SLURM_JOB_ID"),
+          "since": time.strftime("%Y-%m-%d %H:%M:%S"), "token": uuid.uuid4().hex}
+    while True:
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            wait_for_stale_lock(path, run_dir, log)
+            continue
+        except OSError as e:
+            fail(f"cannot write in run folder '{run_dir}' ({e.strerror}): set out_dir to a writable place")
+        with os.fdopen(fd, "w") as f:
+            json.dump(me, f)
+            f.flush()
+            os.fsync(f.fileno())
+        break
+    stop = threading.Event()
+    threading.Thread(target=refresh_lock, args=(path, me["token"], stop), daemon=True).start()
+    RUN_LOCK.update(path=path, token=me["token"], stop=stop)
+    for tmp in glob.glob(os.path.join(run_dir, "ckpt_*.pt.tmp*")):  # from a trainer killed while saving
+        os.remove(tmp)
+        log(f"removed an unfinished checkpoint of a stopped trainer: {tmp}")
+
+
+def wait_for_stale_lock(path, run_dir, log):
+    """Return once the lock at path is gone, or stale and removed (with a message). Stop with one line
+    when its holder is still alive after LOCK_STALE_S."""
+    found = read_lock(path)
+    if found is None:
+        return
+    holder, mtime = found
+    same_host = holder.get("host") == socket.gethostname()
+    if same_host and not process_alive(holder.get("pid")):
+        return take_over_lock(path, found, "that process is no longer running", log)
+    if not same_host and time.time() - mtime > 10 * LOCK_STALE_S:  # long dead: no need to watch it
+        return take_over_lock(path, found, f"not refreshed for {fmt_duration(time.time() - mtime)}", log)
+    log(f"run folder '{run_dir}' is locked by {describe_holder(holder)} since {holder.get('since')}: waiting up to "
+        f"{LOCK_STALE_S:g} s for it to finish{'' if same_host else ' or to stop refreshing its lock (a dead node)'}")
+    deadline = time.time() + LOCK_STALE_S
+    while time.time() < deadline:
+        time.sleep(min(1.0, LOCK_STALE_S / 10))
+        now = read_lock(path)
+        if now is None or now[0].get("token") != holder.get("token"):
+            return  # released, or taken by someone else: try again
+        if same_host and not process_alive(holder.get("pid")):
+            return take_over_lock(path, now, "that process is no longer running", log)
+        if now != found and not same_host:
+            fail(f"run folder '{run_dir}' is in use by {describe_holder(holder)}, which is alive (it refreshes its "
+                 f"lock): two trainers must not share a run folder; let it finish or stop it, or use another exp_name")
+    if not same_host:
+        return take_over_lock(path, found, f"not refreshed for {LOCK_STALE_S:g} s", log)
+    fail(f"run folder '{run_dir}' is in use by {describe_holder(holder)}: another trainer is running there; "
+         f"let it finish or stop it, or choose another exp_name")
+
+
+def take_over_lock(path, found, why, log):
+    if read_lock(path) == found:  # nobody else took it over meanwhile
+        os.remove(path)
+        log(f"taking over the run lock of {describe_holder(found[0])}: {why}")
+
+
+def process_alive(pid):
+    if not isinstance(pid, int) or pid == os.getpid():
+        return False  # our own pid: a lock left by an earlier process that had it (e.g. in a container)
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass  # someone else's process
+    return True
+
+
+def refresh_lock(path, token, stop):
+    """Heartbeat thread: touch the lock while it is ours."""
+    while not stop.wait(LOCK_HEARTBEAT_S):
+        found = read_lock(path)
+        if found is None or found[0].get("token") != token:
+            return  # lost it: check_run_lock stops the next save
+        with contextlib.suppress(OSError):
+            os.utime(path)
+
+
+def check_run_lock(run_dir):
+    if not RUN_LOCK:
+        return
+    found = read_lock(RUN_LOCK["path"])
+    if found is None or found[0].get("token") != RUN_LOCK["token"]:
+        holder = describe_holder(found[0]) if found else "nobody (the lock file is gone)"
+        RUN_LOCK.clear()  # not ours: never remove it
+        fail(f"lost the run lock of '{run_dir}' to {holder}: another trainer took over this run folder; "
+             f"stopping without saving so as not to overwrite its checkpoints")
+
+
+def release_run_lock():
+    if not RUN_LOCK:
+        return
+    RUN_LOCK["stop"].set()
+    found = read_lock(RUN_LOCK["path"])
+    if found is not None and found[0].get("token") == RUN_LOCK["token"]:
+        os.remove(RUN_LOCK["path"])
+    RUN_LOCK.clear()
 
 
 # -----------------------------------------------------------------------------
@@ -625,12 +974,8 @@ class Metrics:
         self.path = os.path.join(run_dir, "metrics.jsonl")
         if not enabled:
             return
-        if os.path.exists(self.path):  # drop records logged after the checkpoint we resume from
-            with open(self.path) as f:
-                kept = [line for line in f if line.strip() and json.loads(line)["step"] <= start_step]
-            with open(self.path + ".tmp", "w") as f:
-                f.writelines(kept)
-            os.replace(self.path + ".tmp", self.path)
+        if os.path.exists(self.path):
+            self.keep_records_until(start_step)
         if cfg["wandb"]:
             try:
                 import wandb
@@ -644,6 +989,30 @@ class Metrics:
                 run_id = f.read().strip()
             name = cfg["exp_name"] if cfg["job_idx"] is None else f"{cfg['exp_name']}/job{cfg['job_idx']}"
             self.wandb = wandb.init(project=cfg["wandb_project"], name=name, id=run_id, resume="allow", config=cfg)
+
+    def keep_records_until(self, start_step):
+        """Drop the records logged after the checkpoint we resume from. Records with no checkpoint to
+        continue from (all were deleted) are moved aside, never dropped; a line cut short by a hard
+        stop is skipped."""
+        records, unreadable = [], 0
+        with open(self.path, "rb") as f:
+            for line in f:
+                try:
+                    record = json.loads(line)
+                    records.append((record["step"], line))
+                except (ValueError, KeyError, TypeError):
+                    unreadable += bool(line.strip())
+        if unreadable:
+            print(f"warning: skipped {unreadable} unreadable line(s) of {self.path} (cut short by a hard stop?)", flush=True)
+        if start_step == 0 and records:
+            old = f"{self.path}.old-{time.strftime('%Y%m%d-%H%M%S')}"
+            os.replace(self.path, old)
+            print(f"the {len(records)} records of metrics.jsonl have no checkpoint to continue from: moved them to {old}; "
+                  f"this run starts at step 0", flush=True)
+            return
+        with open(self.path + ".tmp", "wb") as f:
+            f.writelines(line if line.endswith(b"\n") else line + b"\n" for step, line in records if step <= start_step)
+        os.replace(self.path + ".tmp", self.path)
 
     def write(self, record):
         if not self.enabled:
@@ -701,7 +1070,7 @@ def train(cfg, overwrite=False):
     base_lrs = [group["lr"] for group in optimizer.param_groups]  # the schedule multiplies each group's own
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
     sampler = Sampler(len(train_tokens), cfg["seq_len"], cfg["seed"])
-    start_step = resume_or_branch(cfg, run_dir, raw, optimizer, scaler, sampler, rank, world, device, log)
+    start_step = resume_or_branch(cfg, meta, run_dir, raw, optimizer, scaler, sampler, rank, world, device, log)
     torch.manual_seed(cfg["seed"] + rank + 1000 * start_step)  # per-rank streams for anything random later
 
     accum = cfg["batch_size"] // (cfg["micro_batch_size"] * world)
@@ -793,11 +1162,13 @@ def mean_loss(loss_sum, first, step, world):
     return loss
 
 
-def resume_or_branch(cfg, run_dir, raw, optimizer, scaler, sampler, rank, world, device, log):
+def resume_or_branch(cfg, meta, run_dir, raw, optimizer, scaler, sampler, rank, world, device, log):
     """Continue this run from its newest good checkpoint; else branch from init_from; else start fresh.
-    Returns the number of steps already trained."""
-    path, ckpt = load_newest_checkpoint(checkpoint_paths(run_dir), log) if cfg["resume"] == "auto" else (None, None)
+    Then record the config in config.yaml. Returns the number of steps already trained."""
+    path, ckpt, damaged = checkpoint_to_resume(run_dir, log) if cfg["resume"] == "auto" else (None, None, [])
     how = "resumed"
+    if ckpt is not None:
+        check_same_run(cfg, meta, ckpt, path)
     if ckpt is None and cfg["init_from"]:
         try:
             path, ckpt = find_checkpoint(cfg["init_from"], log)
@@ -817,6 +1188,9 @@ def resume_or_branch(cfg, run_dir, raw, optimizer, scaler, sampler, rank, world,
         if steps[0] != -steps[1]:
             fail(f"the processes found different checkpoints in '{run_dir}' (steps {-steps[1].item()} to "
                  f"{steps[0].item()}): put out_dir on a filesystem that every node can read")
+    if rank == 0:  # after every rank has read the folder
+        set_aside_damaged(damaged, path, log)
+        write_run_config(cfg, run_dir)
     return start_step
 
 
@@ -856,6 +1230,7 @@ def main(argv=None):
     try:
         code = train(cfg, args.overwrite)
     finally:
+        release_run_lock()
         if dist.is_initialized():
             dist.destroy_process_group()
     return code

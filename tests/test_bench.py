@@ -93,3 +93,13 @@ def test_ops_table_times_every_fast_op_and_names_the_one_used(capsys):
     assert all(row["plain_ms"] > 0 and row["fast_ms"] > 0 for row in res["ops"])
     assert [row["fast_used"] for row in res["ops"]] == [False, False, True, True, False]
     assert any("fast_ops uses" in line for line in lines) and lines[0].startswith("bench --ops:")
+
+
+def test_checkpoint_cost(capsys, tmp_path):
+    res, lines = run_bench(capsys, [CONFIG, "--checkpoint", "--vocab_size", "65", "--d_model=32", "--n_layers=2",
+                                    "--n_heads=2", "--rounds", "1", f"--out_dir={tmp_path}"])
+    # model + AdamW's two moments, fp32: about 12 bytes per parameter
+    assert res["file_mb"] * 2**20 == pytest.approx(12 * res["params_m"] * 1e6, rel=0.2)
+    assert all(res[key] > 0 for key in ("save_s", "load_s", "checksum_s", "finite_check_s"))
+    assert os.listdir(tmp_path) == []  # the temporary checkpoint is gone
+    assert "checksum" in lines[1] and "verifying the checksum" in lines[2]

@@ -132,6 +132,7 @@ def assert_state_close(ours, reference, rtol=1e-4, atol=1e-5):
 def test_two_ranks_train_like_one_process(runs, mode):
     assert f"2 process(es) on cpu ({mode})" in runs["logs"][mode]  # really distributed, not two lone runs
     assert list(train_losses(runs, mode)) == list(range(1, STEPS + 1))  # one record per step: only rank 0 writes
+    assert not os.path.exists(runs["dir"] / mode / train.LOCK_NAME)  # rank 0 held the run lock and released it
     assert_losses_close(train_losses(runs, mode), train_losses(runs, "single"))
     ours, reference = load(runs, mode), load(runs, "single")
     assert_state_close(ours["model"], reference["model"])

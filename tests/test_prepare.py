@@ -307,7 +307,7 @@ def test_killed_run_never_looks_complete(tmp_path):
     process.wait()
     assert old == {f: (out / f).read_bytes() for f in prepare.OUTPUT_FILES}  # old data untouched
     assert len(glob.glob(f"{out}.tmp-*")) == 1
-    process = start_prepare(out, "--source", "dummy", "--max_tokens", "1e9")  # no --overwrite
+    process = start_prepare(out, "--source", "dummy", "--max_tokens", 5000)  # no --overwrite
     assert process.wait() == 0 and "already complete" in process.stderr.read()
     # a later real run cleans up the killed run's temp folder
     run(out, "--source", "dummy", "--max_tokens", 6000, "--overwrite")
@@ -386,3 +386,72 @@ def test_help_and_cheap_import():
     code = "import sys, prepare; print(sorted({'torch', 'datasets', 'tiktoken'} & set(sys.modules)))"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
     assert result.stdout.strip() == "[]", result.stderr
+
+
+# ----------------------------------------------------------------------------- faults (issue 15)
+
+def worker_pids(pid):
+    """The child processes of pid (Linux /proc)."""
+    with open(f"/proc/{pid}/task/{pid}/children") as f:
+        return [int(p) for p in f.read().split()]
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/task"), reason="needs Linux /proc")
+def test_sigkill_leaves_no_orphan_workers(tmp_path):
+    source = tmp_path / "big.txt"
+    source.write_text("All the world's a stage, and all the men and women merely players.\n" * 400_000)  # 27 MB
+    process = start_prepare(tmp_path / "out", "--source", source, "--tokenizer", "byte", "--num_proc", 2)
+    workers, deadline = [], time.time() + 60
+    while len(workers) < 2 and time.time() < deadline and process.poll() is None:
+        workers = worker_pids(process.pid)
+        time.sleep(0.01)
+    assert len(workers) == 2, process.communicate()
+    process.kill()  # SIGKILL: the parent cannot clean up anything
+    process.wait()
+    deadline = time.time() + 10
+    while time.time() < deadline and any(os.path.exists(f"/proc/{pid}") for pid in workers):
+        time.sleep(0.05)
+    alive = [pid for pid in workers if os.path.exists(f"/proc/{pid}")]
+    for pid in alive:  # clean up after a failure
+        os.kill(pid, signal.SIGKILL)
+    assert not alive, "tokenizer workers outlived their killed parent"
+
+
+def test_out_complete_from_another_source_is_an_error(tmp_path):
+    source = write_source(tmp_path / "src", make_docs(100), "jsonl")
+    out = tmp_path / "out"
+    run(out, "--source", source, "--tokenizer", "byte", "--val_tokens", 1000)
+    assert_one_line_error(["--source", "dummy", "--out", out], "already complete but was built with other source")
+    assert_one_line_error(["--source", source, "--out", out, "--val_tokens", 1000], "other tokenizer")
+
+
+def test_val_split_that_train_py_could_not_use_is_refused(tmp_path, capsys):
+    source = write_source(tmp_path / "src", make_docs(100), "jsonl")
+    run(tmp_path / "none", "--source", source, "--tokenizer", "byte", "--val_tokens", 0)  # asked for: a warning
+    assert "--val_tokens 0 leaves val.bin empty: train.py refuses this folder" in capsys.readouterr().err
+    one_doc = write_source(tmp_path / "one", ["a single short document"], "txt")
+    seed = next(s for s in range(100) if random.Random(s).random() >= 0.5)  # sends the document to train
+    assert_one_line_error(["--source", one_doc, "--out", tmp_path / "out", "--tokenizer", "byte", "--seed", seed],
+                          "no document went to val.bin")
+    assert not glob.glob(f"{tmp_path / 'out'}*")
+
+
+def test_val_tokens_above_half_the_corpus_warns(tmp_path, capsys):
+    source = write_source(tmp_path / "src", make_docs(100), "jsonl")
+    meta = run(tmp_path / "out", "--source", source, "--tokenizer", "byte", "--val_tokens", 10_000_000)
+    assert meta["splits"]["train"]["tokens"] > 0
+    assert "warning: --val_tokens 10,000,000 is more than half of the corpus" in capsys.readouterr().err
+
+
+def test_file_of_nul_bytes_is_not_text(tmp_path):
+    (tmp_path / "zeros.txt").write_bytes(b"\0" * 4096)
+    assert_one_line_error(["--source", tmp_path / "zeros.txt", "--out", tmp_path / "out"], "is not text (it holds NUL bytes)")
+
+
+def test_disk_full_is_one_line_and_leaves_nothing(tmp_path):
+    from test_recovery import small_disk
+    source = write_source(tmp_path / "src", make_docs(2000), "jsonl")
+    with small_disk(tmp_path / "disk", size="64k") as disk:
+        assert_one_line_error(["--source", source, "--out", os.path.join(disk, "out"), "--tokenizer", "byte"],
+                              "No space left on device")
+        assert os.listdir(disk) == []
