@@ -50,7 +50,7 @@ def test_prepare_train_resume_sample(tmp_path):
     assert text.startswith("ROMEO:") and len(text.strip()) >= 30
 
     # The last line of training names the command that summarizes the run; it works as printed.
-    plot_command = out.split("curves and summary: ")[1].split()
+    plot_command = out.split("curves and summary: ")[1].splitlines()[0].split()
     assert plot_command[:2] == ["python", "plot.py"]
     table = run(*plot_command[1:], "--no_plot")
     assert "finished" in table and "40/40" in table
