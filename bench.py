@@ -19,6 +19,7 @@ import time
 START = time.time()  # before torch is imported: `startup_s` counts the imports too
 
 import argparse
+import functools
 import json
 import os
 import platform
@@ -268,9 +269,15 @@ def bench(cfg, args, argv):
     if args._worker:
         return worker(cfg, args, data, device, amp_dtype)
 
+    # A benchmark takes minutes: say what it does at once, then one line per round.
+    print(f"bench: {args.config} | {device_name(device)} | {precision} | compile {cfg['compile']} | "
+          f"{args.warmup} warm-up step(s), then {args.rounds} round(s) of {args.steps} step(s)"
+          f"{' | vs HF Llama, interleaved' if args.compare else ''}", flush=True)
     ours = make_side("ours", cfg, data, device, amp_dtype)
     warm_up(ours, cfg, data, device, amp_dtype, args.warmup)
     startup_s = time.time() - START
+    print(f"ours: {ours['params'] / 1e6:.2f}M parameters; build{', compile' if cfg['compile'] else ''} and first step "
+          f"{ours['first_step_s']:.1f} s", flush=True)
     measure_round(ours, cfg, data, device, amp_dtype, args.steps)
     ours_mem = peak_memory_mb(device)  # read now: nothing else has been built in this process yet
     hf = None
@@ -279,6 +286,7 @@ def bench(cfg, args, argv):
         if hf["params"] != ours["params"]:
             fail(f"internal: HF model has {hf['params']} parameters, ours {ours['params']}")
         warm_up(hf, cfg, data, device, amp_dtype, args.warmup)
+        print(f"hf: build{', compile' if cfg['compile'] else ''} and first step {hf['first_step_s']:.1f} s", flush=True)
 
     peaks = []
     for r in range(args.rounds):
@@ -289,6 +297,10 @@ def bench(cfg, args, argv):
         for side in ([ours, hf] if r % 2 == 0 else [hf, ours]):
             if side is not None and not (side is ours and r == 0):
                 measure_round(side, cfg, data, device, amp_dtype, args.steps)
+        print(f"round {r + 1}/{args.rounds}: " + " | ".join(
+            f"{side['name']} {side['rounds'][r]['tokens_per_s']:,.0f} tok/s" +
+            (f" ({side['rounds'][r]['cores']:.1f} cores)" if device.type == "cpu" else "") for side in (ours, hf) if side)
+            + (f" | matmul peak {max(peaks[-1].values()) / 1e12:.3g} TFLOP/s" if peaks else ""), flush=True)
 
     peak_mm = None
     if peaks:
@@ -485,12 +497,12 @@ def raw_encode_seconds(source, tokenizer="gpt2", num_proc=2):
     return tokens, time.perf_counter() - wall, time.process_time() - cpu
 
 
-def prepare_speed(source, tokenizer="gpt2", num_proc=None, rounds=3, extra_args=()):
+def prepare_speed(source, tokenizer="gpt2", num_proc=None, rounds=3, extra_args=(), progress=lambda line: None):
     """`python prepare.py` end to end (including start-up) against raw_encode_seconds, each in its
     own process, alternating for `rounds`; the best round of each counts. Rates are tokens per
     second of wall clock, and (cpu_*) per CPU-second x num_proc, which a busy machine disturbs less.
     -> dict(tokens_per_s, raw_tokens_per_s, ratio, cpu_ratio, peak_rss_mb, ...), where
-    peak_rss_mb = main process peak + num_proc x largest worker peak."""
+    peak_rss_mb = main process peak + num_proc x largest worker peak. progress(line) is called after each round."""
     import re
     import resource
     import tempfile
@@ -509,7 +521,7 @@ def prepare_speed(source, tokenizer="gpt2", num_proc=None, rounds=3, extra_args=
     with tempfile.TemporaryDirectory(prefix="prepare_bench_") as folder:
         command = [sys.executable, os.path.join(here, "prepare.py"), "--source", source, "--tokenizer",
                    tokenizer, "--out", folder, "--num_proc", str(num_proc), "--overwrite", *extra_args]
-        for _ in range(rounds):
+        for i in range(rounds):
             raw = subprocess.run([sys.executable, "-c", raw_code], cwd=here, capture_output=True, text=True)
             if raw.returncode != 0:
                 raise RuntimeError(raw.stderr)
@@ -525,6 +537,8 @@ def prepare_speed(source, tokenizer="gpt2", num_proc=None, rounds=3, extra_args=
             peaks = re.search(r"main (\d+) MB, worker (\d+) MB", result.stderr).groups()
             main_mb, worker_mb = map(int, peaks)
             rss.append((main_mb + num_proc * worker_mb, main_mb, worker_mb))
+            progress(f"round {i + 1}/{rounds}: prepare.py {runs['prepare'][-1][0]:,.0f} tokens/s, "
+                     f"tiktoken {runs['raw'][-1][0]:,.0f} tokens/s")
     best = {name: [max(rates) for rates in zip(*rounds)] for name, rounds in runs.items()}
     return {"tokens_per_s": best["prepare"][0], "raw_tokens_per_s": best["raw"][0],
             "ratio": best["prepare"][0] / best["raw"][0], "cpu_tokens_per_s": best["prepare"][1],
@@ -534,12 +548,14 @@ def prepare_speed(source, tokenizer="gpt2", num_proc=None, rounds=3, extra_args=
 
 
 def bench_prepare(args):
+    import prepare
+    print(f"bench --prepare {args.prepare} | tokenizer {args.tokenizer} | {prepare.CORES} processes | "
+          f"best of {args.rounds} interleaved round(s)", flush=True)
     try:
-        res = prepare_speed(args.prepare, tokenizer=args.tokenizer, rounds=args.rounds)
+        res = prepare_speed(args.prepare, tokenizer=args.tokenizer, rounds=args.rounds,
+                            progress=functools.partial(print, flush=True))
     except RuntimeError as e:  # the prepare.py subprocess failed: its last error line says why
         fail(f"--prepare {args.prepare}: {(str(e).strip().splitlines() or ['prepare.py failed'])[-1]}")
-    print(f"bench --prepare {args.prepare} | tokenizer {args.tokenizer} | {res.get('num_proc', '?')} processes | "
-          f"best of {args.rounds} interleaved round(s)")
     rows = [("prepare.py end to end, tokens/s", "tokens_per_s", "{:,.0f}"),
             ("tiktoken encode_ordinary_batch, tokens/s", "raw_tokens_per_s", "{:,.0f}"),
             ("ratio (wall clock)", "ratio", "{:.1%}"), ("ratio (per CPU-second)", "cpu_ratio", "{:.1%}"),

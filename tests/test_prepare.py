@@ -346,6 +346,11 @@ def test_bad_input_gives_one_error_line(tmp_path):
         (["--source", empty / "*.txt", "--tokenizer", "char"], "empty corpus", None),
         (["--source", tmp_path / "latin1.txt"], "is not UTF-8", None),
         (["--source", jsonl, "--tokenizer", "cl100k_base"], "could not get its BPE files", offline),
+        # a mistyped folder, and a hub id in offline mode, fail before any attempt to reach the hub
+        (["--source", "my_corpus_dir"], "'my_corpus_dir' matches no local files and is not a Hugging Face dataset id", None),
+        (["--source", "no-such-org/no-such-dataset"], "is a Hugging Face hub dataset, but HF_HUB_OFFLINE=1", None),
+        (["--source", "no-such-org/no-such-dataset"], "but HF_DATASETS_OFFLINE=1 turns the hub off",
+         dict(os.environ, HF_HUB_OFFLINE="0", HF_DATASETS_OFFLINE="1")),
     ]
     for args, expect, env in cases:
         assert_one_line_error([*args, "--out", out], expect, env)
@@ -372,8 +377,8 @@ def test_hf_missing_text_field_and_unknown_dataset(tmp_path):
     source = write_source(tmp_path / "src", make_docs(5), "jsonl")
     with pytest.raises(SystemExit, match="have no 'body' field"):
         run(tmp_path / "out", "--source", "json", "--data_files", source, "--text_field", "body")
-    with pytest.raises(SystemExit, match="cannot load 'no-such-org/no-such-dataset'"):
-        run(tmp_path / "out", "--source", "no-such-org/no-such-dataset")
+    with pytest.raises(SystemExit, match="'no-such-org/no-such-dataset' is a Hugging Face hub dataset, but HF_HUB_OFFLINE"):
+        run(tmp_path / "out", "--source", "no-such-org/no-such-dataset")  # the tests run with the hub off
     assert sorted(os.listdir(tmp_path)) == ["src"]
 
 

@@ -161,8 +161,14 @@ def test_exported_llama_gives_our_logits(overrides, weights_file, tmp_path, monk
 
 
 def test_trained_run_exports(run_dir, tmp_path, capsys):
-    assert export.main([run_dir, str(tmp_path / "hf")]) == 0
+    old_umask = os.umask(0o022)  # a usual shared-cluster umask: files 0644
+    try:
+        assert export.main([run_dir, str(tmp_path / "hf")]) == 0
+    finally:
+        os.umask(old_umask)
     assert {"config.json", "model.safetensors"} <= set(os.listdir(tmp_path / "hf"))
+    modes = {name: oct(os.stat(tmp_path / "hf" / name).st_mode & 0o777) for name in os.listdir(tmp_path / "hf")}
+    assert set(modes.values()) == {"0o644"}, modes  # the weights too, not safetensors' own 0600
     assert "no Hugging Face tokenizer for the 'char' tokenizer" in capsys.readouterr().out
 
 

@@ -21,6 +21,7 @@ import torch
 import yaml
 
 import sweep
+import train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -134,8 +135,13 @@ def test_command_line_job_idx_prints_the_resolved_config(tmp_path):
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith(f"# job 2 of 4; run folder: {os.path.join('somewhere', 'grid', 'job2')}\n")
     resolved = yaml.safe_load(result.stdout)
-    assert resolved["lr"] == 3e-3 and resolved["n_layers"] == 2 and resolved["job_idx"] == 2
+    assert resolved["lr"] == 3e-3 and resolved["n_layers"] == 2
     assert resolved["steps"] is not None and resolved["exp_name"] == "grid"  # defaults filled in
+    # block YAML, one key per line, that is itself a config file giving the same config
+    assert result.stdout.count("\n") == len(train.CONFIG) + 1 and "{" not in result.stdout
+    (tmp_path / "job2.yaml").write_text(result.stdout)
+    again = train.load_config(str(tmp_path / "job2.yaml"))
+    assert {key: again[key] for key in train.CONFIG} == resolved
 
 
 # ---------------------------------------------------------------------------------------------

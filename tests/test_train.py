@@ -125,11 +125,17 @@ def test_truncated_newest_checkpoint_is_skipped(straight_run, tmp_path, capsys):
     assert_same_state(final_state(straight_run), final_state(str(run_dir)))
 
 
-def test_wsd_cooldown_branches_from_a_checkpoint(hamlet_data, tmp_path):
+def test_wsd_cooldown_branches_from_a_checkpoint(hamlet_data, tmp_path, capsys):
     common = dict(scheduler="wsd", steps=20, warmup_steps=2, cooldown_steps=0, save_every=10)
     assert run_train(tiny_args(hamlet_data, str(tmp_path), "constant", **common)) == 0
     branch = dict(common, steps=16, cooldown_steps=6, init_from=str(tmp_path / "constant" / "ckpt_0000010.pt"))
+    capsys.readouterr()
     assert run_train(tiny_args(hamlet_data, str(tmp_path), "cooldown", **branch)) == 0
+    out = capsys.readouterr().out
+    assert f"branched from {tmp_path / 'constant' / 'ckpt_0000010.pt'} at step 10" in out and "resumed" not in out
+    # Started again, the branch continues from its own checkpoint: that one is a resume.
+    assert run_train(tiny_args(hamlet_data, str(tmp_path), "cooldown", **branch)) == 0
+    assert f"resumed from {tmp_path / 'cooldown' / 'ckpt_0000016.pt'} at step 16" in capsys.readouterr().out
     records = metrics(str(tmp_path / "cooldown"))
     assert [r["step"] for r in records] == list(range(11, 17))
     assert records[-1]["lr"] == pytest.approx(1e-3)  # lr_min at the last step
@@ -219,6 +225,7 @@ def config_error(tmp_path, text, *overrides):
     ("batch_size: 24\nmicro_batch_size: 16\n", [], "batch_size 24 is not divisible by micro_batch_size 16"),
     ("scheduler: cosin\n", [], "config key 'scheduler' must be one of cosine, wsd, constant, linear"),
     ("steps: 100\nwarmup_steps: 90\ncooldown_steps: 20\nscheduler: wsd\n", [], r"warmup_steps \(90\) \+ cooldown_steps \(20\) exceed steps"),
+    ("steps: 100\nwarmup_steps: 150\n", [], r"warmup_steps \(150\) exceed steps \(100\): .*as a fraction of steps"),
     ("d_model: 100\nn_heads: 3\n", [], "bad model shape: d_model=100 is not divisible by n_heads=3"),
     ("lr: -1\n", [], "'lr' must not be negative"),
     ("", ["--activation_checkpointing=sometimes"], "config key 'activation_checkpointing' must be bool or int"),
@@ -253,6 +260,60 @@ def test_command_line_errors_are_one_line_without_traceback(tmp_path):
         assert result.stderr.count("\n") == 1 and result.stderr.startswith("train.py: error:"), result.stderr
     assert "config file 'missing.yaml' not found" in subprocess.run(
         [sys.executable, os.path.join(ROOT, "train.py"), "missing.yaml"], capture_output=True, text=True).stderr
+
+
+def test_no_config_file_prints_usage_and_quick_start(tmp_path):
+    result = subprocess.run([sys.executable, os.path.join(ROOT, "train.py")], capture_output=True, text=True, cwd=tmp_path)
+    assert result.returncode == 2 and result.stdout == ""
+    assert result.stderr.startswith("usage: train.py") and "give a config file" in result.stderr
+    assert train.QUICK_START in result.stderr and "python train.py configs/shakespeare_char.yaml" in train.QUICK_START
+    assert os.listdir(tmp_path) == []  # no run was started
+
+
+def test_shipped_warmup_is_a_fraction_of_steps():
+    """`--steps=10` on the default config keeps its 10% warmup instead of failing on 30 > 10."""
+    path = os.path.join(ROOT, "configs", "shakespeare_char.yaml")
+    assert train.schedule_lengths(train.load_config(path))[0] == 30
+    short = train.load_config(path, ["--steps=10"])
+    assert train.schedule_lengths(short)[0] == 1 and train.lr_at(1, short) == short["lr"]
+
+
+def test_rate_and_eta_leave_out_the_first_step_and_compile_is_announced(hamlet_data, tmp_path, monkeypatch, capsys):
+    """The first step after a start (compiling, first allocations) is timed apart: here it takes 100 s
+    of a fake clock and every other step 1 s, so every logged rate is the steady 1 s per step."""
+    now = [0.0]
+    real_step = train.train_step
+
+    def timed_step(*args, **kwargs):
+        out = real_step(*args, **kwargs)
+        now[0] += 100.0 if now[0] == 0 else 1.0
+        return out
+
+    monkeypatch.setattr(train, "time", type("FakeTime", (), {"time": staticmethod(lambda: now[0])}))
+    monkeypatch.setattr(train, "train_step", timed_step)
+    monkeypatch.setattr(torch, "compile", lambda model: model)  # the announcement, without the wait
+    assert run_train(tiny_args(hamlet_data, str(tmp_path), "timed", steps=6, log_every=3, eval_every=0,
+                               save_every=0, compile=True)) == 0
+    out = capsys.readouterr().out
+    assert "compiling…" in out and "compiled: the first step took 1m40s" in out
+    assert [r["step_ms"] for r in metrics(str(tmp_path / "timed")) if "step_ms" in r] == [1000.0, 1000.0]
+    assert "| 1000 ms/step | eta 0m03s |" in out
+
+
+def test_end_of_training_sample_is_streamed(straight_run, monkeypatch, capsys):
+    """print_sample writes each token as it is generated (sample.py's generate_streaming)."""
+    import sample
+    pieces, real = [], sample.generate_streaming
+
+    def recording(*args, write, **kwargs):
+        return real(*args, write=lambda text: (pieces.append(text), write(text)), **kwargs)
+
+    monkeypatch.setattr(sample, "generate_streaming", recording)
+    ckpt = final_state(straight_run)
+    train.print_sample(sample.load_model(ckpt), ckpt["meta"], 25)
+    out = capsys.readouterr().out
+    assert len(pieces) >= 25  # one write per token (char tokens are never held back)
+    assert out == "---- sample ----\n" + "".join(pieces) + "\n----------------\n"
 
 
 def test_run_folder_with_another_config_is_refused_unless_overwrite(straight_run, capsys):
