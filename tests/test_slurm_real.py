@@ -156,23 +156,28 @@ def test_warning_signal_requeues_and_the_job_ends_bit_identical(finished_sweep, 
     assert train_losses(run_dir) == train_losses(os.path.join(reference_folder, "runs", "sweep", "job0"))
 
 
-def test_resubmitting_a_finished_sweep_retrains_nothing_and_writes_new_logs(finished_sweep):
-    folder, first_job = finished_sweep
-    before = {}
+def run_files(folder):
+    """{path: (content, mtime of a checkpoint)} of every file in both run folders."""
+    files = {}
     for task in (0, 1):
         run_dir = os.path.join(folder, "runs", "sweep", f"job{task}")
-        before.update({os.path.join(run_dir, n): os.stat(os.path.join(run_dir, n)).st_mtime_ns for n in os.listdir(run_dir)})
+        for name in os.listdir(run_dir):
+            path = os.path.join(run_dir, name)
+            with open(path, "rb") as f:
+                files[path] = (f.read(), os.stat(path).st_mtime_ns if name.startswith("ckpt_") else None)
+    return files
+
+
+def test_resubmitting_a_finished_sweep_retrains_nothing_and_writes_new_logs(finished_sweep):
+    folder, first_job = finished_sweep
+    before = run_files(folder)
     job = submit(folder, "sweep.yaml", GPUS_PER_NODE="0")
     wait_for_job(job, folder)
     assert tasks(job) == {0: ("COMPLETED", "0:0", 0), 1: ("COMPLETED", "0:0", 0)}, show(folder)
     for task in (0, 1):
         log = logs(folder)[f"plainlm-sweep_{job}_{task}.out"]  # a new file: a resubmission is a new job id
         assert f"already trained to step {STEPS} (steps: {STEPS}): nothing to do" in log, log
-    after = {}
-    for task in (0, 1):
-        run_dir = os.path.join(folder, "runs", "sweep", f"job{task}")
-        after.update({os.path.join(run_dir, n): os.stat(os.path.join(run_dir, n)).st_mtime_ns for n in os.listdir(run_dir)})
-    assert after == before  # no file written, none added
+    assert run_files(folder) == before  # no checkpoint written, no file added or changed
     assert f"plainlm-sweep_{first_job}_0.out" in logs(folder)
 
 
