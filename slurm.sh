@@ -72,9 +72,11 @@ if [ -z "${SLURM_ARRAY_TASK_ID:-}" ]; then
     # has) would otherwise be accepted and pend forever; --test-only asks the scheduler first.
     if ! CHECK=$(sbatch --test-only "${ARGS[@]}" 2>&1); then
         CHECK=$(printf '%s\n' "$CHECK" | sed -e '/^\s*$/d' -e 's/^sbatch: //' -e 's/^error: //' | head -n 1)
+        HINT="GPUS_PER_NODE=0 on a cluster without GPUs"
+        [ "$GPUS_PER_NODE" -gt 0 ] || HINT="cores and memory per node: sinfo -o '%P %c %m'"
         echo "slurm.sh: error: SLURM cannot run this job as asked (GPUS_PER_NODE=$GPUS_PER_NODE," \
              "CPUS_PER_PROC=$CPUS_PER_PROC${PARTITION:+, PARTITION=$PARTITION}${MEM:+, MEM=$MEM}, TIME=$TIME):" \
-             "$CHECK; change these settings (GPUS_PER_NODE=0 on a cluster without GPUs)" >&2
+             "$CHECK; change these settings ($HINT)" >&2
         exit 1
     fi
     mkdir -p "$LOG_DIR"
