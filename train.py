@@ -1028,12 +1028,14 @@ class Metrics:
 # -----------------------------------------------------------------------------
 # Signals: finish the current step, save, exit. SIGTERM may arrive twice (SLURM signals every
 # process, then torchrun forwards its own), so it never kills the save; a second Ctrl-C does.
+# The log names the first signal: the one that asked for the stop (USR1 before a time limit,
+# even when the limit's own TERM follows during the save).
 
 STOP_SIGNAL = {"name": None}
 
 
 def request_stop(signum, frame):
-    STOP_SIGNAL["name"] = signal.Signals(signum).name
+    STOP_SIGNAL["name"] = STOP_SIGNAL["name"] or signal.Signals(signum).name
     if signum == signal.SIGINT:
         signal.signal(signum, signal.SIG_DFL)
 

@@ -9,6 +9,7 @@ import os
 import random
 import re
 import shlex
+import shutil
 import signal
 import socket
 import subprocess
@@ -149,18 +150,25 @@ def test_command_line_job_idx_prints_the_resolved_config(tmp_path):
 
 STANDINS = {
     # sbatch starts every array task at once, as SLURM would on a free cluster, and waits for them.
+    # --test-only answers as SLURM does: yes, or (STANDIN_SBATCH_REFUSE set) SLURM's refusal.
     "sbatch": """
         opts, i = {}, 0
         while args[i].startswith("-"):
             key, _, value = args[i].partition("=")
             opts[key], i = value, i + 1
         script, script_args = args[i], args[i + 1:]
+        if "--test-only" in opts:
+            if os.environ.get("STANDIN_SBATCH_REFUSE"):
+                sys.exit("allocation failure: " + os.environ["STANDIN_SBATCH_REFUSE"])
+            print("sbatch: Job 1000 to start at 2026-01-01T00:00:00 on nodes localhost", file=sys.stderr)
+            sys.exit(0)
         first, last = opts["--array"].split("%")[0].split("-")
         tasks = {}
         for task in range(int(first), int(last) + 1):
             env = dict(os.environ, SLURM_JOB_ID=str(1001 + task), SLURM_ARRAY_JOB_ID="1000",
                        SLURM_ARRAY_TASK_ID=str(task), SLURM_SUBMIT_DIR=os.getcwd(), SLURM_RESTART_COUNT="0",
-                       SLURM_JOB_NUM_NODES=opts["--nodes"], SLURM_JOB_NODELIST="localhost")
+                       SLURM_JOB_NUM_NODES=opts["--nodes"], SLURM_JOB_NODELIST="localhost",
+                       SLURM_CPUS_PER_TASK=opts["--cpus-per-task"])
             log = opts["--output"].replace("%x", opts["--job-name"]).replace("%A", "1000").replace("%a", str(task))
             with open(log, "a") as out:
                 tasks[task] = subprocess.Popen(["bash", script, *script_args], env=env, stdout=out, stderr=subprocess.STDOUT)
@@ -204,7 +212,19 @@ def make_standins(tmp_path):
                         f"        f.write(json.dumps(dict(cmd={name!r}, args=args, **extra)) + '\\n')\n"
                         f"record({{}})\n" + textwrap.dedent(body))
         path.chmod(0o755)
+    # `python` notes the torch thread count it is started with (OMP_NUM_THREADS), then is python.
+    python = bin_dir / "python"
+    python.write_text(f'#!/bin/sh\necho "$OMP_NUM_THREADS $*" >> {shlex.quote(str(tmp_path / "python_calls.txt"))}\n'
+                      f'exec {shlex.quote(sys.executable)} "$@"\n')
+    python.chmod(0o755)
     return bin_dir, calls
+
+
+def training_threads(tmp_path):
+    """OMP_NUM_THREADS of every train.py process started through the stand-in `python`."""
+    path = tmp_path / "python_calls.txt"
+    lines = path.read_text().splitlines() if path.exists() else []
+    return [line.split()[0] for line in lines if "train.py" in line]
 
 
 @pytest.fixture
@@ -216,7 +236,7 @@ def slurm_env(bin_dir, **extra):
     """Environment for slurm.sh on this CPU machine: stand-ins first on PATH, one thread per
     process (the tiny models are much slower when processes fight over the 2 cores)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "RANK", "WORLD_SIZE", "LOCAL_RANK"))}
-    env.update(PATH=f"{bin_dir}{os.pathsep}{env['PATH']}", GPUS_PER_NODE="0", CPUS_PER_GPU="1", OMP_NUM_THREADS="1")
+    env.update(PATH=f"{bin_dir}{os.pathsep}{env['PATH']}", GPUS_PER_NODE="0", CPUS_PER_PROC="1", OMP_NUM_THREADS="1")
     env.update(extra)
     return env
 
@@ -256,22 +276,27 @@ def show_logs(tmp_path):
 
 @pytest.fixture(scope="module")
 def submitted_sweep(hamlet_data, tmp_path_factory):
-    """`bash slurm.sh sweep.yaml` with stand-ins: submits the 2-job array, which trains both."""
+    """`bash slurm.sh sweep.yaml` with stand-ins: submits the 2-job array, which trains both.
+    The submitting shell's OMP_NUM_THREADS=3 must not reach the 1-core tasks."""
     tmp_path = tmp_path_factory.mktemp("slurm_sweep")
     bin_dir, calls = make_standins(tmp_path)
     cfg = write_sweep_config(tmp_path, hamlet_data)
+    env = slurm_env(bin_dir, WARN_SECONDS="120", TIME="1:00:00", OMP_NUM_THREADS="3")
     result = subprocess.run(["bash", os.path.join(ROOT, "slurm.sh"), str(cfg)], cwd=tmp_path, capture_output=True,
-                            text=True, timeout=300, env=slurm_env(bin_dir, WARN_SECONDS="120", TIME="1:00:00"))
+                            text=True, timeout=300, env=env)
     return tmp_path, cfg, calls, result
 
 
 def test_slurm_submits_an_array_sized_by_the_sweep_and_each_job_trains_its_config(submitted_sweep):
     tmp_path, cfg, calls, result = submitted_sweep
     assert result.returncode == 0, result.stdout + result.stderr + show_logs(tmp_path)
-    (sbatch,) = calls_of(calls, "sbatch")
+    check, sbatch = calls_of(calls, "sbatch")
+    assert check["args"] == ["--test-only", *sbatch["args"]]  # SLURM is asked first whether it can run it
     args = sbatch["args"]
     assert "--array=0-1" in args and "--signal=B:USR1@120" in args and "--requeue" in args and "--time=1:00:00" in args
+    assert "--ntasks-per-node=1" in args and "--cpus-per-task=1" in args and not any("gpu" in a for a in args)
     assert args[-2:] == [os.path.join(ROOT, "slurm.sh"), str(cfg)]  # it submits itself with the config
+    assert training_threads(tmp_path) == ["1", "1"]  # torch threads = the task's cores, not the login shell's
     tasks = [json.loads(line) for line in calls.read_text().splitlines() if '"task"' in line]
     assert [(t["task"], t["exit"]) for t in tasks] == [(0, 0), (1, 0)], show_logs(tmp_path)
     assert calls_of(calls, "scontrol") == []  # finished jobs are not requeued
@@ -295,10 +320,41 @@ def test_slurm_refuses_a_bad_sweep_before_submitting(slurm_bin, tmp_path):
     assert calls_of(calls, "sbatch") == []
 
 
+def test_slurm_refuses_a_request_no_node_can_run_before_submitting(hamlet_data, slurm_bin, tmp_path):
+    """GPUS_PER_NODE=0 alone is a CPU job with 2 cores; when SLURM answers --test-only with a
+    refusal (here: nodes too small), slurm.sh says so in one line instead of submitting a job that
+    would pend forever."""
+    bin_dir, calls = slurm_bin
+    cfg = write_sweep_config(tmp_path, hamlet_data)
+    env = slurm_env(bin_dir, STANDIN_SBATCH_REFUSE="Requested node configuration is not available")
+    del env["CPUS_PER_PROC"]
+    result = subprocess.run(["bash", os.path.join(ROOT, "slurm.sh"), str(cfg)], cwd=tmp_path, capture_output=True,
+                            text=True, timeout=60, env=env)
+    assert result.returncode == 1 and result.stdout == ""
+    (line,) = result.stderr.splitlines()
+    assert line.startswith("slurm.sh: error: SLURM cannot run this job as asked (GPUS_PER_NODE=0, CPUS_PER_PROC=2,")
+    assert "Requested node configuration is not available" in line
+    (check,) = calls_of(calls, "sbatch")
+    assert check["args"][0] == "--test-only" and "--cpus-per-task=2" in check["args"]
+    assert not any("gpu" in a for a in check["args"])
+    assert not (tmp_path / "slurm_logs").exists()
+
+
+def test_slurm_without_sbatch_says_so_in_one_line(tmp_path):
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "python").symlink_to(sys.executable)
+    result = subprocess.run([shutil.which("bash"), os.path.join(ROOT, "slurm.sh"), "sweep.yaml"], cwd=tmp_path,
+                            capture_output=True, text=True, timeout=60, env=dict(os.environ, PATH=str(bin_dir)))
+    assert result.returncode == 1 and result.stdout == ""
+    assert result.stderr.startswith("slurm.sh: error: sbatch not found") and result.stderr.count("\n") == 1
+    assert not (tmp_path / "slurm_logs").exists()
+
+
 def start_array_task(bin_dir, tmp_path, cfg, task, **extra):
     """slurm.sh as SLURM starts it for one array task (what sbatch runs)."""
     env = slurm_env(bin_dir, **{"SLURM_ARRAY_TASK_ID": str(task), "SLURM_ARRAY_JOB_ID": "77", "SLURM_JOB_ID": str(78 + task),
-                                "SLURM_SUBMIT_DIR": str(tmp_path), "SLURM_JOB_NUM_NODES": "1",
+                                "SLURM_SUBMIT_DIR": str(tmp_path), "SLURM_JOB_NUM_NODES": "1", "SLURM_CPUS_PER_TASK": "1",
                                 "SLURM_JOB_NODELIST": "localhost", "PLAINLM_DIR": ROOT, "WARN_SECONDS": "120", **extra})
     with open(tmp_path / f"task{task}.log", "a") as log:
         proc = subprocess.Popen(["bash", os.path.join(ROOT, "slurm.sh"), str(cfg)], cwd=tmp_path, env=env,
@@ -348,7 +404,8 @@ def test_warning_signal_checkpoints_requeues_and_resumes_exactly(submitted_sweep
     proc.send_signal(signal.SIGUSR1)  # what `sbatch --signal=B:USR1@...` does
     assert proc.wait(timeout=120) == 0, (tmp_path / "task1.log").read_text()
     log = (tmp_path / "task1.log").read_text()
-    assert "requeueing it to resume" in log, log
+    assert "requeueing it to resume" in log and "SIGUSR1: saved a checkpoint at step" in log, log
+    assert "Traceback" not in log and "failed" not in log, log
     assert [c["args"] for c in calls_of(calls, "scontrol")] == [["requeue", "77_1"]]
     stopped_at = final_checkpoint(run_dir)["step"]
     assert 20 <= stopped_at < 200, log
@@ -364,6 +421,69 @@ def test_warning_signal_checkpoints_requeues_and_resumes_exactly(submitted_sweep
     assert ours["model"].keys() == theirs["model"].keys()
     assert all(torch.equal(ours["model"][k], theirs["model"][k]) for k in ours["model"])
     assert train_losses(run_dir) == train_losses(reference)
+
+
+def test_sigterm_to_the_whole_job_is_a_clean_stop_without_requeue(hamlet_data, slurm_bin, tmp_path):
+    """scancel, preemption and the time limit send SIGTERM to every process of the job: the
+    training saves and exits 75, and slurm.sh reports a stop, not a failure, and does not requeue."""
+    bin_dir, calls = slurm_bin
+    cfg = write_sweep_config(tmp_path, hamlet_data)
+    proc = start_array_task(bin_dir, tmp_path, cfg, task=0)
+    wait_for_training(tmp_path / "runs" / "sweep" / "job0", 10, proc)
+    os.killpg(proc.pid, signal.SIGTERM)
+    assert proc.wait(timeout=120) == 0
+    log = (tmp_path / "task0.log").read_text()
+    assert "SIGTERM: saved a checkpoint at step" in log and "task 77_0 stopped after saving a checkpoint (SIGTERM" in log
+    assert "Traceback" not in log and "failed" not in log, log
+    assert calls_of(calls, "scontrol") == []
+    assert 10 <= final_checkpoint(tmp_path / "runs" / "sweep" / "job0")["step"] < 200
+
+
+def signal_when_ready(proc, ready, sig):
+    deadline = time.time() + 60
+    while not ready.exists() and time.time() < deadline:
+        time.sleep(0.02)
+    proc.send_signal(sig)
+
+
+def test_a_crash_stays_a_failure_even_after_the_warning_signal(hamlet_data, slurm_bin, tmp_path):
+    """USR1 came, but the training then crashed (exit 3, not 75): not requeued, the error stays.
+    The "training" is a shell function (ENV_SETUP defines it) that crashes when signalled."""
+    bin_dir, calls = slurm_bin
+    cfg = write_sweep_config(tmp_path, hamlet_data)
+    ready = tmp_path / "ready"
+    crash = f"python() {{ trap 'echo crashing; kill $!; exit 3' USR1; touch {ready}; sleep 60 & wait; }}"
+    proc = start_array_task(bin_dir, tmp_path, cfg, task=0, ENV_SETUP=crash)
+    signal_when_ready(proc, ready, signal.SIGUSR1)
+    assert proc.wait(timeout=60) == 3
+    log = (tmp_path / "task0.log").read_text()
+    assert "got SIGUSR1" in log and "crashing" in log and "task 77_0 failed (exit 3)" in log, log
+    assert calls_of(calls, "scontrol") == []
+
+
+def test_warning_signal_before_the_training_starts_requeues_without_training(hamlet_data, slurm_bin, tmp_path):
+    bin_dir, calls = slurm_bin
+    cfg = write_sweep_config(tmp_path, hamlet_data)
+    ready = tmp_path / "ready"
+    proc = start_array_task(bin_dir, tmp_path, cfg, task=0, ENV_SETUP=f"touch {ready}; sleep 2")
+    signal_when_ready(proc, ready, signal.SIGUSR1)  # arrives while ENV_SETUP runs
+    assert proc.wait(timeout=60) == 0
+    assert "got SIGUSR1 before the training started: requeueing it" in (tmp_path / "task0.log").read_text()
+    assert [c["args"] for c in calls_of(calls, "scontrol")] == [["requeue", "77_0"]]
+    assert training_threads(tmp_path) == []  # train.py never started
+
+
+def test_warning_signal_while_the_training_starts_up_requeues(hamlet_data, slurm_bin, tmp_path):
+    """USR1 kills a python that has not yet set its handlers (exit 138): no checkpoint was
+    written, so the task requeues to resume from the previous one; it is no crash."""
+    bin_dir, calls = slurm_bin
+    cfg = write_sweep_config(tmp_path, hamlet_data)
+    ready = tmp_path / "ready"
+    proc = start_array_task(bin_dir, tmp_path, cfg, task=0, ENV_SETUP=f"python() {{ touch {ready}; exec sleep 60; }}")
+    signal_when_ready(proc, ready, signal.SIGUSR1)
+    assert proc.wait(timeout=60) == 0
+    assert "got SIGUSR1 while the training was starting up: requeueing it" in (tmp_path / "task0.log").read_text()
+    assert [c["args"] for c in calls_of(calls, "scontrol")] == [["requeue", "77_0"]]
 
 
 def free_port_from(low):
@@ -385,7 +505,8 @@ def test_multi_node_job_runs_one_srun_task_per_process(hamlet_data, slurm_bin, t
                             SLURM_JOB_ID=str(port - 20000))
     assert proc.wait(timeout=240) == 0, (tmp_path / "task0.log").read_text()
     (srun,) = calls_of(calls, "srun")
-    assert "--nodes=2" in srun["args"] and "--ntasks-per-node=1" in srun["args"]
+    assert "--nodes=2" in srun["args"] and "--ntasks-per-node=1" in srun["args"] and "--cpus-per-task=1" in srun["args"]
+    assert training_threads(tmp_path) == ["1", "1"]  # each rank: the cores of its task
     assert "2 process(es) on cpu" in (tmp_path / "task0.log").read_text()
     assert final_checkpoint(tmp_path / "runs" / "sweep" / "job0")["step"] == 10
 

@@ -108,6 +108,14 @@ def test_sigterm_mid_run_then_resume_equals_straight_run(straight_run, tmp_path)
         [r["train_loss"] for r in metrics(straight_run)]
 
 
+def test_the_stop_is_named_after_the_signal_that_asked_for_it(monkeypatch):
+    """USR1 warns of the time limit; the limit's own SIGTERM may follow during the save."""
+    monkeypatch.setitem(train.STOP_SIGNAL, "name", None)
+    train.request_stop(signal.SIGUSR1, None)
+    train.request_stop(signal.SIGTERM, None)
+    assert train.STOP_SIGNAL["name"] == "SIGUSR1"
+
+
 def test_rerunning_a_finished_run_does_nothing(straight_run, capsys):
     data_dir = final_state(straight_run)["config"]["data_dir"]
     assert run_train(tiny_args(data_dir, os.path.dirname(straight_run), "straight")) == 0
