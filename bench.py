@@ -33,7 +33,7 @@ import torch
 from fast_ops import linear
 from train import (GPU_PEAK_BF16_TFLOPS, Sampler, build_model, choose_precision, get_windows, load_config,
                    lr_factor, make_optimizer, model_config, open_tokens, peak_flops, peak_memory_mb, read_meta,
-                   setup_distributed, train_step)
+                   setup_distributed, train_step, training_mode)
 
 
 def fail(msg):
@@ -117,6 +117,7 @@ def make_side(name, cfg, data, device, amp_dtype):
     else:
         raw, model = build_hf(cfg, vocab_size, device)
     optimizer = make_optimizer(raw, cfg)
+    training_mode(optimizer)  # schedule-free AdamW steps only in train mode
     side = {"name": name, "raw": raw, "model": model, "optimizer": optimizer,
             "base_lrs": [group["lr"] for group in optimizer.param_groups],
             "scaler": torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16),

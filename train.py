@@ -37,6 +37,7 @@ import yaml
 
 import sweep
 from model import ModelConfig, Transformer, use_fast_ops
+from optimizers import LR_ADJUSTMENTS, Muon, Signum
 
 # -----------------------------------------------------------------------------
 # Config: every key, its default, and what it means. The README's table is this one.
@@ -59,10 +60,18 @@ CONFIG = {
     # optimizer
     "lr": (1e-3, float, "peak learning rate"),
     "lr_min": (0.0, float, "learning rate at the end of cosine/linear decay or of the WSD cooldown"),
-    "weight_decay": (0.1, float, "AdamW weight decay, applied to matrices only"),
-    "beta1": (0.9, float, "AdamW beta1"),
-    "beta2": (0.95, float, "AdamW beta2"),
-    "eps": (1e-8, float, "AdamW epsilon"),
+    "weight_decay": (0.1, float, "weight decay, applied to matrices only (muon: to the embedding and LM head)"),
+    "beta1": (0.9, float, "beta1 of adamw, nadamw, sfadamw and muon's AdamW part"),
+    "beta2": (0.95, float, "beta2 of adamw, nadamw, sfadamw and muon's AdamW part"),
+    "eps": (1e-8, float, "epsilon of adamw, nadamw, sfadamw and muon's AdamW part"),
+    "optimizer": ("adamw", str, "adamw | nadamw | sgd | signsgd | sfadamw | muon (README: Optimizers)"),
+    "momentum": (0.9, float, "momentum of sgd and signsgd"),
+    "nesterov": (True, bool, "Nesterov momentum for sgd and muon"),
+    "muon_lr": (0.02, float, "muon: base learning rate of the matrices inside the blocks (the rest use lr)"),
+    "muon_momentum": (0.95, float, "muon: momentum of the matrices inside the blocks"),
+    "muon_weight_decay": (0.0, float, "muon: decoupled weight decay of the matrices inside the blocks"),
+    "muon_lr_adjust": ("original", str, "muon: per-matrix lr scale, original (max(1, rows/cols)^0.5) | "
+                                        "match_rms_adamw (0.2 sqrt(max(rows, cols)))"),
     "grad_clip": (1.0, float, "clip the global gradient norm to this (0: no clipping)"),
     # schedule
     "scheduler": ("cosine", str, "cosine | wsd | constant | linear"),
@@ -95,7 +104,8 @@ CONFIG = {
 DEFAULTS = {key: default for key, (default, _, _) in CONFIG.items()}
 CHOICES = {"scheduler": ("cosine", "wsd", "constant", "linear"),
            "cooldown_shape": ("linear", "1-sqrt"), "resume": ("auto", "never"), "device": ("auto", "cpu", "cuda"),
-           "dtype": ("auto", "bf16", "fp16", "fp32"), "parallelism": ("ddp", "fsdp")}
+           "dtype": ("auto", "bf16", "fp16", "fp32"), "parallelism": ("ddp", "fsdp"),
+           "optimizer": ("adamw", "nadamw", "sgd", "signsgd", "sfadamw", "muon"), "muon_lr_adjust": LR_ADJUSTMENTS}
 # Keys that may differ when a run is resumed: they do not change what is being trained
 # (out_dir and exp_name too, so a run folder can be moved or copied and still resume).
 RESUMABLE_CHANGES = {"out_dir", "exp_name", "steps", "eval_every", "eval_tokens", "log_every", "sample_tokens", "save_every", "keep_last",
@@ -182,12 +192,16 @@ def validate(cfg):
     for key in ("seq_len", "steps", "batch_size", "micro_batch_size", "keep_last", "log_every"):
         if cfg[key] <= 0:
             fail(f"config key '{key}' must be positive, got {cfg[key]}")
-    for key in ("activation_checkpointing", "eval_every", "eval_tokens", "save_every", "sample_tokens", "lr", "lr_min", "weight_decay", "grad_clip", "warmup_steps", "cooldown_steps"):
+    for key in ("activation_checkpointing", "eval_every", "eval_tokens", "save_every", "sample_tokens", "lr", "lr_min", "weight_decay", "grad_clip", "warmup_steps", "cooldown_steps", "muon_lr", "muon_weight_decay"):
         if cfg[key] < 0:
             fail(f"config key '{key}' must not be negative, got {cfg[key]}")
+    for key in ("momentum", "muon_momentum"):
+        if not 0 <= cfg[key] < 1:
+            fail(f"config key '{key}' must be in [0, 1), got {cfg[key]}")
     if cfg["lr_min"] > cfg["lr"]:
         fail(f"lr_min ({cfg['lr_min']}) is larger than lr ({cfg['lr']})")
     world = int(os.environ.get("WORLD_SIZE", os.environ.get("SLURM_STEP_NUM_TASKS", 1)))
+    check_optimizer(cfg, world)
     if cfg["batch_size"] % (cfg["micro_batch_size"] * world):
         fail(f"batch_size {cfg['batch_size']} is not divisible by micro_batch_size {cfg['micro_batch_size']} x "
              f"{world} processes: choose them so that batch_size = micro_batch_size x processes x accumulation steps")
@@ -433,15 +447,72 @@ def build_model(cfg, vocab_size, device, world, amp_dtype):
     return raw, model
 
 
+def check_optimizer(cfg, world):
+    """Combinations that cannot train as configured: one clear line before anything starts."""
+    if cfg["optimizer"] == "sfadamw":
+        try:
+            import schedulefree  # noqa: F401  (imported only when chosen)
+        except ImportError:
+            fail("optimizer 'sfadamw' needs the schedulefree package: pip install schedulefree")
+        if cfg["scheduler"] != "constant":
+            # Schedule-free methods replace the decay by their weight averaging; a decay on top would
+            # be another method. The warmup still applies.
+            fail(f"optimizer 'sfadamw' is schedule-free: set --scheduler=constant (warmup_steps still applies), "
+                 f"got scheduler '{cfg['scheduler']}'")
+    if cfg["optimizer"] == "muon" and cfg["parallelism"] == "fsdp" and world > 1:
+        # Orthogonalising needs each whole matrix, and FSDP2 gives every rank a slice of it.
+        fail("optimizer 'muon' needs whole weight matrices and FSDP2 shards them: use --parallelism=ddp with muon")
+
+
 def make_optimizer(raw, cfg):
     """Each parameter group's "lr" is its base learning rate, which the schedule then scales.
-    Decay matrices (embeddings, projections); never norm gains. parameters() lists a tied weight once."""
-    params = list(raw.parameters())
-    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg["weight_decay"], "lr": cfg["lr"]},
-              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0, "lr": cfg["lr"]}]
-    # The fused kernel updates each tensor in one pass, on CUDA and on CPU (at bench.py's CPU shape
-    # it cut the optimizer step from about 32 to 13 ms).
-    return torch.optim.AdamW(groups, lr=cfg["lr"], betas=(cfg["beta1"], cfg["beta2"]), eps=cfg["eps"], fused=True)
+    Decay matrices (embeddings, projections); never norm gains. parameters() lists a tied weight once.
+    With muon, the matrices inside the blocks form a group of their own (muon_lr, muon_weight_decay);
+    the token embedding and the LM head keep AdamW, as they are lookups and readouts, not hidden maps."""
+    name = cfg["optimizer"]
+    named = list(raw.named_parameters())
+    hidden = [p for n, p in named if name == "muon" and p.dim() == 2 and n.startswith("blocks.")]
+    groups = [{"params": [p for _, p in named if p.dim() >= 2 and not any(p is h for h in hidden)],
+               "weight_decay": cfg["weight_decay"], "lr": cfg["lr"]},
+              {"params": [p for _, p in named if p.dim() < 2], "weight_decay": 0.0, "lr": cfg["lr"]}]
+    betas = (cfg["beta1"], cfg["beta2"])
+    if name == "adamw":
+        # The fused kernel updates each tensor in one pass, on CUDA and on CPU (at bench.py's CPU shape
+        # it cut the optimizer step from about 32 to 13 ms).
+        return torch.optim.AdamW(groups, lr=cfg["lr"], betas=betas, eps=cfg["eps"], fused=True)
+    if name == "nadamw":
+        return torch.optim.NAdam(groups, lr=cfg["lr"], betas=betas, eps=cfg["eps"], decoupled_weight_decay=True)
+    if name == "sgd":
+        return torch.optim.SGD(groups, lr=cfg["lr"], momentum=cfg["momentum"], nesterov=cfg["nesterov"] and cfg["momentum"] > 0)
+    if name == "signsgd":
+        return Signum(groups, lr=cfg["lr"], momentum=cfg["momentum"])
+    if name == "sfadamw":
+        import schedulefree
+        # Its own warmup is off: train.py's schedule gives the warmup (and then a constant rate).
+        return schedulefree.AdamWScheduleFree(groups, lr=cfg["lr"], betas=betas, eps=cfg["eps"], warmup_steps=0)
+    groups.insert(0, {"params": hidden, "muon": True, "lr": cfg["muon_lr"], "weight_decay": cfg["muon_weight_decay"]})
+    return Muon(groups, momentum=cfg["muon_momentum"], nesterov=cfg["nesterov"], adjust_lr=cfg["muon_lr_adjust"],
+                betas=betas, eps=cfg["eps"])
+
+
+def training_mode(optimizer):
+    if callable(getattr(optimizer, "train", None)):  # schedule-free AdamW must be told when it trains
+        optimizer.train()
+
+
+@contextlib.contextmanager
+def averaged_weights(optimizer):
+    """Schedule-free AdamW trains at one point and evaluates at another (the average of its iterates):
+    evaluation, checkpoints and the final sample see the averaged weights. A checkpoint then holds
+    those and the optimizer's state, and a resume swaps back exactly as the uninterrupted run does."""
+    swap = callable(getattr(optimizer, "eval", None))
+    if swap:
+        optimizer.eval()
+    try:
+        yield
+    finally:
+        if swap:
+            optimizer.train()
 
 
 def no_grad_sync(model, raw, sync):
@@ -732,8 +803,14 @@ def short(value):
 
 def restore(ckpt, raw, optimizer, scaler, sampler, rank):
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+    if callable(getattr(optimizer, "train", None)):
+        # Schedule-free: set_state_dict creates the optimizer state with a step at lr 0, which it allows in
+        # train mode only; train() leaves empty per-parameter entries that would hide that the state is missing.
+        optimizer.train()
+        optimizer.state.clear()
     set_state_dict(raw, optimizer, model_state_dict=ckpt["model"], optim_state_dict=ckpt["optimizer"],
                    options=StateDictOptions(full_state_dict=True))
+    training_mode(optimizer)  # the checkpoint holds the averaged weights: back to the point it trains at
     scaler.load_state_dict(ckpt["scaler"])
     sampler.load_state_dict(ckpt["sampler"])
     if rank < len(ckpt["rng"]):  # resuming on more ranks than saved: the new ranks keep their seeds
@@ -1071,6 +1148,7 @@ def train(cfg, overwrite=False):
     amp_dtype, precision = choose_precision(cfg, device)
     raw, model = build_model(cfg, meta["vocab_size"], device, world, amp_dtype)
     optimizer = make_optimizer(raw, cfg)
+    training_mode(optimizer)
     base_lrs = [group["lr"] for group in optimizer.param_groups]  # the schedule multiplies each group's own
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
     sampler = Sampler(len(train_tokens), cfg["seq_len"], cfg["seed"])
@@ -1124,13 +1202,15 @@ def train(cfg, overwrite=False):
                 f"eta {fmt_duration(step_s * (cfg['steps'] - step))} | mem {record['peak_mem_mb']:,.0f} MB")
             loss_sum, last_log_step = None, step
         if evaluating:
-            val_loss = evaluate(model, val_tokens, cfg, device, amp_dtype, rank, world)
+            with averaged_weights(optimizer):
+                val_loss = evaluate(model, val_tokens, cfg, device, amp_dtype, rank, world)
             record.update(step=step, val_loss=val_loss, val_ppl=math.exp(min(val_loss, 50)))
             log(f"step {step} | val loss {val_loss:.4f} | val ppl {record['val_ppl']:.2f}")
         if record:
             metrics.write(record)
         if saving:
-            save_checkpoint(run_dir, step, raw, optimizer, scaler, sampler, cfg, meta, rank, world, cfg["keep_last"])
+            with averaged_weights(optimizer):
+                save_checkpoint(run_dir, step, raw, optimizer, scaler, sampler, cfg, meta, rank, world, cfg["keep_last"])
         if cfg["compile"] and step == start_step + 1:
             log(f"compiled: the first step took {fmt_duration(time.time() - clock_time)}")
         if logging or evaluating or saving or step == start_step + 1:  # the one place the clock restarts
@@ -1142,7 +1222,8 @@ def train(cfg, overwrite=False):
 
     log(f"done: {cfg['steps']} steps in {fmt_duration(time.time() - t_start)}; curves and summary: python plot.py {run_dir}")
     if cfg["sample_tokens"] and is_main:
-        print_sample(raw, meta, cfg["sample_tokens"])
+        with averaged_weights(optimizer):
+            print_sample(raw, meta, cfg["sample_tokens"])
     return 0
 
 
@@ -1184,6 +1265,9 @@ def resume_or_branch(cfg, meta, run_dir, raw, optimizer, scaler, sampler, rank, 
         except ValueError as e:
             fail(f"init_from: {e}")
         how = "branched"
+        if ckpt["config"].get("optimizer", "adamw") != cfg["optimizer"]:
+            fail(f"init_from: {path} was trained with optimizer '{ckpt['config'].get('optimizer', 'adamw')}', this run uses "
+                 f"'{cfg['optimizer']}': its optimizer state does not carry over; branch with the same optimizer")
     start_step = 0
     if ckpt is not None:
         if ckpt["model_config"] != dataclasses.asdict(raw.cfg):

@@ -4,7 +4,8 @@ checkpoints resume bit-exactly on 2 ranks and closely on 1.
 
 The runs are tiny and shared by the tests (a module fixture): three straight runs (1 process,
 2-rank DDP, 2-rank FSDP), then three resumed from their middle checkpoints, and one 2-rank run
-whose rank 1 cannot see the run folder's checkpoint. Each wave's runs go in parallel.
+whose rank 1 cannot see the run folder's checkpoint, and Muon and schedule-free AdamW on 1 process and
+2 DDP ranks. Each wave's runs go in parallel.
 """
 import json
 import os
@@ -25,6 +26,9 @@ STEPS, SEQ_LEN, EVAL_TOKENS = 12, 32, 229  # 229 tokens = 7 eval windows: 4 on r
 TINY = [f"--seq_len={SEQ_LEN}", "--d_model=32", "--n_layers=2", "--n_heads=2", f"--steps={STEPS}", "--batch_size=8",
         "--micro_batch_size=2", "--warmup_steps=2", "--lr=1e-2", "--log_every=1", "--eval_every=6",
         f"--eval_tokens={EVAL_TOKENS}", f"--save_every={STEPS // 2}", "--keep_last=10"]
+
+
+OTHER_OPTIMIZERS = {"muon": ["--optimizer=muon"], "sfadamw": ["--optimizer=sfadamw", "--scheduler=constant"]}
 
 
 def launch(nproc, args, script="train.py"):
@@ -94,6 +98,10 @@ def runs(tmp_path_factory):
     for mode in ("ddp", "fsdp"):
         procs[f"{mode}_memory"] = launch(2, [*common, f"--exp_name={mode}_memory", f"--parallelism={mode}",
                                              "--activation_checkpointing=true"], script=str(base / "chunked_loss.py"))
+    # Muon and schedule-free AdamW (which evaluates and saves its averaged weights) under DDP.
+    for name, extra in OTHER_OPTIMIZERS.items():
+        procs[f"single_{name}"] = launch(1, [*common, f"--exp_name=single_{name}", *extra])
+        procs[f"ddp_{name}"] = launch(2, [*common, f"--exp_name=ddp_{name}", *extra])
     logs.update(finish(procs, failing=["blind"]))
     return {"dir": base, "logs": logs}
 
@@ -148,6 +156,19 @@ def test_two_ranks_train_like_one_process(runs, mode):
     files = os.listdir(runs["dir"] / mode)
     assert sorted(f for f in files if f.startswith("ckpt_")) == [f"ckpt_{s:07d}.pt" for s in (STEPS // 2, STEPS)]
     assert not [f for f in files if f.endswith(".tmp")]
+
+
+@pytest.mark.parametrize("name", OTHER_OPTIMIZERS)
+def test_two_ranks_train_like_one_process_with_muon_and_schedule_free(runs, name):
+    assert "2 process(es) on cpu (ddp)" in runs["logs"][f"ddp_{name}"]
+    assert_losses_close(train_losses(runs, f"ddp_{name}"), train_losses(runs, f"single_{name}"))
+    vals = [[r["val_loss"] for r in metrics(runs, run) if "val_loss" in r] for run in (f"ddp_{name}", f"single_{name}")]
+    assert len(vals[0]) == 2 and vals[0] == pytest.approx(vals[1], rel=1e-5)
+    ours, reference = load(runs, f"ddp_{name}"), load(runs, f"single_{name}")
+    assert ours["config"]["optimizer"] == name
+    assert_state_close(ours["model"], reference["model"])
+    for key, state in reference["optimizer"]["state"].items():
+        assert_state_close(ours["optimizer"]["state"][key], state)
 
 
 @pytest.mark.parametrize("mode", ["ddp", "fsdp"])
