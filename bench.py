@@ -486,6 +486,94 @@ def bench_checkpoint(cfg, args):
     return 0
 
 
+# -----------------------------------------------------------------------------
+# --time_to_loss: which recipe reaches a validation loss first, in steps and in wall time.
+
+def training_curve(run_dir):
+    """[(step, training seconds, val loss)] from a run's metrics.jsonl. Training seconds add up the
+    logged step times (steady steps: evaluations, checkpoints and the first step are left out, the
+    same for every recipe); the log lines fall on every evaluation step, so the sum is exact there."""
+    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+        records = [json.loads(line) for line in f]
+    seconds, last_step, points = 0.0, 0, []
+    for r in records:
+        if "step_ms" in r:
+            seconds += r["step_ms"] / 1000 * (r["step"] - last_step)
+            last_step = r["step"]
+        if "val_loss" in r:
+            points.append((r["step"], seconds, r["val_loss"]))
+    return points
+
+
+def loss_at_time(points, t):
+    """Validation loss at t training seconds, linear between the evaluations around it."""
+    for (s0, t0, l0), (s1, t1, l1) in zip(points, points[1:]):
+        if t0 <= t <= t1:
+            return l0 + (l1 - l0) * (t - t0) / (t1 - t0) if t1 > t0 else l1
+    return points[-1][2] if t >= points[-1][1] else None
+
+
+def bench_time_to_loss(args, overrides):
+    """Train each recipe in turn (same config, same data, same threads), then compare them."""
+    import tempfile
+    recipes = [[f"--{item}" for item in recipe.split()] for recipe in args.recipe]
+    if len(recipes) < 2:
+        fail("--time_to_loss compares recipes: give two or more, e.g. --recipe 'optimizer=adamw' --recipe 'optimizer=muon'")
+    for i, recipe in enumerate(recipes):
+        bad = [item for item in recipe if "=" not in item]
+        if bad:
+            fail(f"recipe {i + 1} ({args.recipe[i]!r}): write its settings as key=value, got {bad[0][2:]!r}")
+    shared = overrides + ([f"--steps={args.steps}"] if args.steps else [])
+    cfgs = [load_config(args.config, shared + recipe, args.job_idx) for recipe in recipes]  # bad keys: one line, now
+    if any(not cfg["eval_every"] for cfg in cfgs):
+        fail("--time_to_loss needs evaluations along the way: set eval_every > 0 (e.g. --eval_every=50)")
+    os.makedirs(cfgs[0]["out_dir"], exist_ok=True)
+    out = tempfile.mkdtemp(prefix="time_to_loss_", dir=cfgs[0]["out_dir"])
+    threads = torch.get_num_threads()
+    curves = []
+    for i, (recipe, cfg) in enumerate(zip(recipes, cfgs)):
+        log_path = os.path.join(out, f"recipe{i + 1}.log")
+        print(f"recipe {i + 1}/{len(recipes)} ({args.recipe[i]}): training {cfg['steps']} steps on {threads} threads… "
+              f"(log: {log_path})", flush=True)
+        cmd = [sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)), "train.py"),
+               *([args.config] if args.config else []), *([f"--job_idx={args.job_idx}"] if args.job_idx is not None else []),
+               *shared, *recipe, f"--out_dir={out}", f"--exp_name=recipe{i + 1}", f"--log_every={cfg['eval_every']}",
+               "--sample_tokens=0", "--save_every=0"]
+        env = dict(os.environ, OMP_NUM_THREADS=str(threads))  # every recipe gets the same threads
+        with open(log_path, "w") as log:
+            code = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env=env).returncode
+        if code:
+            with open(log_path) as f:
+                fail(f"recipe {i + 1} ({args.recipe[i]}) stopped with exit status {code}: {f.read().strip().splitlines()[-1]}")
+        curves.append(training_curve(os.path.join(out, f"recipe{i + 1}")))
+    target = args.target if args.target is not None else curves[0][-1][2]
+    equal_time = min(curve[-1][1] for curve in curves)
+    rows = []
+    for recipe, curve in zip(args.recipe, curves):
+        hit = next((p for p in curve if p[2] <= target), None)
+        rows.append({"recipe": recipe, "steps": curve[-1][0], "train_s": curve[-1][1], "final_val_loss": curve[-1][2],
+                     "steps_to_target": hit and hit[0], "seconds_to_target": hit and hit[1],
+                     "val_loss_at_equal_time": loss_at_time(curve, equal_time)})
+    base = rows[0]
+    for row in rows:
+        if row["steps_to_target"] and base["steps_to_target"]:
+            row["fewer_steps_x"] = base["steps_to_target"] / row["steps_to_target"]
+            row["less_time_x"] = base["seconds_to_target"] / row["seconds_to_target"]
+    print(f"\ntarget val loss {target:.4f} ({'--target' if args.target is not None else 'recipe 1 final'}); "
+          f"equal time {equal_time:.1f} s of training; {threads} threads; runs in {out}")
+    print(f"{'recipe':<40}{'final val':>10}{'steps':>7}{'to target: steps':>18}{'seconds':>9}{'x steps':>9}"
+          f"{'x time':>8}{'val @ equal time':>18}")
+    for row in rows:
+        reached = row["steps_to_target"] is not None
+        print(f"{row['recipe'][:39]:<40}{row['final_val_loss']:>10.4f}{row['steps']:>7}"
+              f"{(row['steps_to_target'] if reached else 'not reached'):>18}"
+              f"{(format(row['seconds_to_target'], '.2f') if reached else '-'):>9}"
+              f"{fmt_or_dash('{:.2f}', row.get('fewer_steps_x')):>9}{fmt_or_dash('{:.2f}', row.get('less_time_x')):>8}"
+              f"{row['val_loss_at_equal_time']:>18.4f}")
+    print(json.dumps({"target": target, "equal_time_s": equal_time, "threads": threads, "out_dir": out, "recipes": rows}))
+    return 0
+
+
 def raw_encode_seconds(source, tokenizer="gpt2", num_proc=2):
     """-> (tokens, wall s, CPU s) of tiktoken's own encode_ordinary_batch over the source's text,
     all of it held in memory."""
@@ -570,7 +658,8 @@ def bench_prepare(args):
 
 def parse_args(argv):
     parser = argparse.ArgumentParser(
-        usage="python bench.py CONFIG.yaml [options] [--key=value ...]\n       python bench.py --prepare SRC [--tokenizer TOK] [--rounds N]",
+        usage="python bench.py CONFIG.yaml [options] [--key=value ...]\n       python bench.py --prepare SRC [--tokenizer TOK] [--rounds N]"
+              "\n       python bench.py CONFIG.yaml --time_to_loss --recipe 'KEY=VALUE ...' --recipe ... [--target LOSS]",
         description="Measure how fast a config trains: tokens/s, MFU, peak memory and start-up time, optionally\n"
                     "side by side with Hugging Face's LlamaForCausalLM of the same shape. Settings come from the\n"
                     "YAML file as in train.py, then --key=value overrides of any config key (`python train.py --help`).",
@@ -590,7 +679,8 @@ def parse_args(argv):
         formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
     parser.add_argument("config", nargs="?", help="YAML config file, as for train.py (omit with --prepare)")
     parser.add_argument("--job_idx", type=int, help="which job of a sweep config to measure")
-    parser.add_argument("--steps", type=int, default=5, help="measured optimizer steps per round (default 5)")
+    parser.add_argument("--steps", type=int, help="measured optimizer steps per round (default 5); with --time_to_loss: "
+                                                  "the training steps of every recipe (default: the config's)")
     parser.add_argument("--warmup", type=int, default=2,
                         help="untimed steps before measuring, at least 1; the first gives first_step_s (default 2)")
     parser.add_argument("--rounds", type=int, default=3,
@@ -616,12 +706,22 @@ def parse_args(argv):
     parser.add_argument("--tokenizer", default="gpt2", help="tokenizer for --prepare (default gpt2)")
     parser.add_argument("--checkpoint", action="store_true",
                         help="time saving and loading a checkpoint of the config's model, and what its checksum costs")
+    parser.add_argument("--time_to_loss", action="store_true",
+                        help="instead: train each --recipe in turn (same config and data, same threads) and print for "
+                             "each the steps and training seconds to reach --target, and the val loss at equal training "
+                             "time (that of the shortest run); run folders are kept in out_dir/time_to_loss_*")
+    parser.add_argument("--recipe", action="append", default=[], metavar="'KEY=VALUE ...'",
+                        help="with --time_to_loss: one recipe, config keys that differ from the config (repeat it; "
+                             "the first is the baseline)")
+    parser.add_argument("--target", type=float,
+                        help="with --time_to_loss: the validation loss to reach (default: the first recipe's final one); "
+                             "a recipe reaches it at its first evaluation at or below it")
     parser.add_argument("--_worker", choices=("ours", "hf"), help=argparse.SUPPRESS)
     args, overrides = parser.parse_known_args(argv)
     if not args.prepare and not args.config:
         parser.error("give a config file (or --prepare SRC)")
     for key in ("steps", "rounds", "warmup"):
-        if getattr(args, key) < 1:
+        if getattr(args, key) is not None and getattr(args, key) < 1:
             parser.error(f"--{key} must be at least 1")
     return args, overrides
 
@@ -631,6 +731,10 @@ def main(argv=None):
     args, overrides = parse_args(argv)
     if args.prepare:
         return bench_prepare(args)
+    if args.time_to_loss:
+        return bench_time_to_loss(args, overrides)
+    if args.steps is None:
+        args.steps = 5
     cfg = load_config(args.config, overrides, args.job_idx)
     if args.ops:
         return bench_ops(cfg, args)

@@ -22,17 +22,18 @@ LR_ADJUSTMENTS = ("original", "match_rms_adamw")
 
 
 def orthogonalize(g, steps):
-    """Approximately U V^T of g = U S V^T: the update with all its singular values set to about 1."""
+    """Approximately U V^T of g = U S V^T: the update with all its singular values set to about 1.
+    g is one matrix or a stack of same-shaped ones (..., rows, cols), done together in batched matmuls."""
     a, b, c = NS_COEFFICIENTS
     x = g.to(torch.bfloat16 if g.is_cuda else torch.float32)
-    tall = x.size(0) > x.size(1)
+    tall = x.size(-2) > x.size(-1)
     if tall:  # iterate on the smaller Gram matrix
-        x = x.T
-    x = x / (x.norm() + 1e-7)  # spectral norm <= Frobenius norm <= 1: inside the iteration's basin
+        x = x.mT
+    x = x / (torch.linalg.matrix_norm(x, keepdim=True) + 1e-7)  # spectral <= Frobenius <= 1: inside the basin
     for _ in range(steps):
-        gram = x @ x.T
+        gram = x @ x.mT
         x = a * x + (b * gram + c * gram @ gram) @ x
-    return (x.T if tall else x).to(g.dtype)
+    return (x.mT if tall else x).to(g.dtype)
 
 
 def lr_scale(shape, adjust):
@@ -60,20 +61,25 @@ class Muon(torch.optim.Optimizer):
         for group in self.param_groups:
             params = [p for p in group["params"] if p.grad is not None]
             if group["muon"]:
-                for p in params:
-                    self._muon_step(p, group)
+                self._muon_step(params, group)
             elif params:
                 self._adamw_step(params, group)
 
-    def _muon_step(self, p, group):
-        state = self.state[p]
-        if not state:
-            state["momentum_buffer"] = torch.zeros_like(p)
-        buf = state["momentum_buffer"]
-        buf.lerp_(p.grad, 1 - group["momentum"])
-        update = p.grad.lerp(buf, group["momentum"]) if group["nesterov"] else buf
-        p.mul_(1 - group["lr"] * group["weight_decay"])  # decoupled, as in AdamW
-        p.add_(orthogonalize(update, group["ns_steps"]), alpha=-group["lr"] * lr_scale(p.shape, group["adjust_lr"]))
+    def _muon_step(self, params, group):
+        by_shape = {}  # matrices of one shape are orthogonalised together: a few batched matmuls, not many small ones
+        for p in params:
+            state = self.state[p]
+            if not state:
+                state["momentum_buffer"] = torch.zeros_like(p)
+            buf = state["momentum_buffer"]
+            buf.lerp_(p.grad, 1 - group["momentum"])
+            update = p.grad.lerp(buf, group["momentum"]) if group["nesterov"] else buf
+            by_shape.setdefault(tuple(p.shape), []).append((p, update))
+        for shape, pairs in by_shape.items():
+            ortho = orthogonalize(torch.stack([update for _, update in pairs]), group["ns_steps"])
+            for (p, _), o in zip(pairs, ortho):
+                p.mul_(1 - group["lr"] * group["weight_decay"])  # decoupled, as in AdamW
+                p.add_(o, alpha=-group["lr"] * lr_scale(shape, group["adjust_lr"]))
 
     def _adamw_step(self, params, group):
         for p in params:

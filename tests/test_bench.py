@@ -109,3 +109,35 @@ def test_checkpoint_cost(capsys, tmp_path):
     assert all(res[key] > 0 for key in ("save_s", "load_s", "checksum_s", "finite_check_s"))
     assert os.listdir(tmp_path) == []  # the temporary checkpoint is gone
     assert "checksum" in lines[1] and "verifying the checksum" in lines[2]
+
+
+def test_time_to_loss_compares_recipes_on_the_same_data(hamlet_data, tmp_path, capsys):
+    """Two recipes trained in turn; every number printed is read back from their own metrics.jsonl."""
+    shakespeare = os.path.join(os.path.dirname(CONFIG), "shakespeare_char.yaml")
+    argv = [shakespeare, "--time_to_loss", "--recipe", "optimizer=adamw lr=1e-2", "--recipe", "optimizer=muon lr=1e-2 muon_lr=0.05",
+            f"--data_dir={hamlet_data}", f"--out_dir={tmp_path}", "--d_model=32", "--n_layers=2", "--n_heads=2",
+            "--seq_len=32", "--batch_size=8", "--micro_batch_size=8", "--steps", "12", "--eval_every=4", "--eval_tokens=1024"]
+    res, lines = run_bench(capsys, argv)
+    assert any(line.startswith("optimizer=muon lr=1e-2 muon_lr=0.05") for line in lines)
+    curves = [bench.training_curve(os.path.join(res["out_dir"], f"recipe{i}")) for i in (1, 2)]
+    assert [[step for step, _, _ in curve] for curve in curves] == [[4, 8, 12]] * 2  # same steps, same evaluations
+    for name, curve in zip(("adamw", "muon"), curves):  # each recipe really trained with its own settings
+        with open(os.path.join(res["out_dir"], "recipe1" if name == "adamw" else "recipe2", "config.yaml")) as f:
+            assert f"optimizer: {name}" in f.read()
+    assert res["target"] == curves[0][-1][2]  # default target: the baseline's final val loss
+    assert res["equal_time_s"] == min(curve[-1][1] for curve in curves)
+    for row, curve in zip(res["recipes"], curves):
+        hit = next((p for p in curve if p[2] <= res["target"]), None)
+        assert row["steps_to_target"] == (hit and hit[0]) and row["seconds_to_target"] == (hit and hit[1])
+        assert row["final_val_loss"] == curve[-1][2] and row["steps"] == 12
+        assert row["val_loss_at_equal_time"] == pytest.approx(bench.loss_at_time(curve, res["equal_time_s"]))
+    assert res["recipes"][0]["steps_to_target"] == 12 and res["recipes"][0]["fewer_steps_x"] == 1.0
+    # the loss at equal time lies between the evaluations around that time
+    assert bench.loss_at_time([(1, 1.0, 3.0), (2, 3.0, 2.0)], 2.0) == 2.5
+
+
+def test_time_to_loss_refuses_a_single_or_malformed_recipe(capsys):
+    with pytest.raises(SystemExit, match="give two or more"):
+        bench.main([CONFIG, "--time_to_loss", "--recipe", "optimizer=muon"])
+    with pytest.raises(SystemExit, match=r"recipe 2 \('muon'\): write its settings as key=value"):
+        bench.main([CONFIG, "--time_to_loss", "--recipe", "optimizer=adamw", "--recipe", "muon"])

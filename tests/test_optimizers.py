@@ -98,6 +98,10 @@ def test_muon_orthogonalises_in_fp32_on_cpu():
     # the same singular vectors as g's (U V^T), up to the singular values' spread
     u, _, vh = torch.linalg.svd(g, full_matrices=False)
     assert torch.nn.functional.cosine_similarity(o.flatten(), (u @ vh).flatten(), dim=0) > 0.95
+    # A stack of matrices (how Muon does all of one shape at once) gives each one's own result.
+    stack = torch.stack([g, 3 * g.flip(0), torch.randn(96, 32)])
+    for one, together in zip(stack, optimizers.orthogonalize(stack, steps=5)):
+        torch.testing.assert_close(together, optimizers.orthogonalize(one, steps=5), rtol=1e-4, atol=1e-5)
 
 
 def test_muon_adamw_part_is_torch_adamw():
