@@ -472,7 +472,8 @@ def make_optimizer(raw, cfg):
     name = cfg["optimizer"]
     named = list(raw.named_parameters())
     hidden = [p for n, p in named if name == "muon" and p.dim() == 2 and n.startswith("blocks.")]
-    groups = [{"params": [p for _, p in named if p.dim() >= 2 and not any(p is h for h in hidden)],
+    hidden_ids = {id(p) for p in hidden}
+    groups = [{"params": [p for _, p in named if p.dim() >= 2 and id(p) not in hidden_ids],
                "weight_decay": cfg["weight_decay"], "lr": cfg["lr"]},
               {"params": [p for _, p in named if p.dim() < 2], "weight_decay": 0.0, "lr": cfg["lr"]}]
     betas = (cfg["beta1"], cfg["beta2"])
