@@ -6,6 +6,7 @@ side with Hugging Face's LlamaForCausalLM of the same shape.
     python bench.py configs/shakespeare_char.yaml --ops
     python bench.py --prepare shakespeare
     python bench.py configs/bench_cpu.yaml --checkpoint --vocab_size 65 --d_model=512 --n_heads=8 --n_layers=8
+    python bench.py configs/time_to_loss_cpu.yaml --time_to_loss --recipe "optimizer=adamw" --recipe "optimizer=muon"
 
 The step it times is train.py's own: the same config keys, data sampler, model build (compile,
 precision), optimizer and train_step. Our model and the Hugging Face one run in the same process,
