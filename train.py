@@ -67,7 +67,7 @@ CONFIG = {
     "optimizer": ("adamw", str, "adamw | nadamw | sgd | signsgd | sfadamw | muon (README: Optimizers)"),
     "momentum": (0.9, float, "momentum of sgd and signsgd"),
     "nesterov": (True, bool, "Nesterov momentum for sgd and muon"),
-    "muon_lr": (0.02, float, "muon: base learning rate of the matrices inside the blocks (the rest use lr)"),
+    "muon_lr": (0.01, float, "muon: base learning rate of the matrices inside the blocks (the rest use lr)"),
     "muon_momentum": (0.95, float, "muon: momentum of the matrices inside the blocks"),
     "muon_weight_decay": (0.0, float, "muon: decoupled weight decay of the matrices inside the blocks"),
     "muon_lr_adjust": ("original", str, "muon: per-matrix lr scale, original (max(1, rows/cols)^0.5) | "
