@@ -219,10 +219,13 @@ def run_dir_of(cfg):
 # -----------------------------------------------------------------------------
 # Learning-rate schedules. `step` counts optimizer steps from 1, so step 1 never runs at LR 0.
 
+def steps_of(value, steps):
+    """warmup_steps or cooldown_steps as a count: a number below 1 is a fraction of steps."""
+    return round(value * steps) if isinstance(value, float) and value < 1 else int(value)
+
+
 def schedule_lengths(cfg):
-    def steps_of(value):
-        return round(value * cfg["steps"]) if isinstance(value, float) and value < 1 else int(value)
-    return steps_of(cfg["warmup_steps"]), steps_of(cfg["cooldown_steps"])
+    return steps_of(cfg["warmup_steps"], cfg["steps"]), steps_of(cfg["cooldown_steps"], cfg["steps"])
 
 
 def lr_factor(step, cfg):
@@ -713,8 +716,7 @@ def check_same_run(cfg, meta, ckpt, path):
     the checkpoint was trained with. A deliberate change branches into a new run with init_from."""
     branch = f"to train on with this config and data, branch: --init_from={path} --exp_name=<new name>"
     saved = ckpt.get("config", {})
-    changed = [k for k in sorted(set(saved) | set(cfg)) if k not in RESUMABLE_CHANGES and k in CONFIG
-               and saved.get(k, DEFAULTS[k]) != cfg.get(k, DEFAULTS[k])]
+    changed = config_changes(saved, cfg)
     if changed:
         diff = ", ".join(f"{k}: {saved.get(k, DEFAULTS[k])!r} -> {cfg.get(k)!r}" for k in changed[:4])
         fail(f"checkpoint {path} was trained with another config ({diff}); use that config to resume, or {branch}")
@@ -723,6 +725,16 @@ def check_same_run(cfg, meta, ckpt, path):
         diff = ", ".join(f"{k}: {short(ckpt['meta'].get(k))} -> {short(meta.get(k))}" for k in changed[:3])
         fail(f"the data in '{cfg['data_dir']}' is not the data {path} was trained on ({diff}): point data_dir at "
              f"that data, or {branch}")
+
+
+def config_changes(saved, cfg):
+    """The keys that change what is trained (not RESUMABLE_CHANGES) whose values differ between a saved
+    config and this one. A warmup or cooldown is the same when both give the same number of steps
+    (30 and 0.1 of 300 steps), so a config rewritten with fractions still resumes its runs."""
+    def value(config, key):
+        v = config.get(key, DEFAULTS[key])
+        return steps_of(v, cfg["steps"]) if key in ("warmup_steps", "cooldown_steps") and isinstance(v, NUMBER) else v
+    return [k for k in sorted(set(saved) | set(cfg)) if k in CONFIG and k not in RESUMABLE_CHANGES and value(saved, k) != value(cfg, k)]
 
 
 def short(value):
@@ -751,8 +763,7 @@ def prepare_run_dir(cfg, overwrite, log):
     make_run_dir(run_dir)
     acquire_run_lock(run_dir, log)
     saved = read_run_config(run_dir, log)
-    changed = sorted(k for k in set(saved or {}) | set(cfg) if k not in RESUMABLE_CHANGES and saved.get(k) != cfg.get(k)) \
-        if saved is not None else []
+    changed = config_changes(saved, cfg) if saved is not None else []
     has_checkpoints = bool(checkpoint_paths(run_dir))
     if changed and not has_checkpoints:  # nothing was trained with it: a start that failed early
         log(f"note: replacing config.yaml of '{run_dir}', which has no checkpoints ({changed[0]} and others changed)")

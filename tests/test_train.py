@@ -88,6 +88,20 @@ def test_activation_checkpointing_trains_exactly_the_same(straight_run, tmp_path
     assert_same_state(final_state(straight_run), final_state(str(tmp_path / "ac")))
 
 
+def test_warmup_as_a_fraction_resumes_a_run_that_gave_it_in_steps(straight_run, tmp_path):
+    """The shipped config now writes warmup_steps: 0.1; a run started with the same warmup as a count
+    (3 of 30 steps) still resumes, bit-exactly, from its checkpoint and config.yaml."""
+    run_dir = tmp_path / "fraction"
+    run_dir.mkdir()
+    for name in ("ckpt_0000010.pt", "config.yaml"):
+        shutil.copy(os.path.join(straight_run, name), run_dir)
+    data_dir = final_state(straight_run)["config"]["data_dir"]
+    assert run_train(tiny_args(data_dir, str(tmp_path), "fraction", warmup_steps=0.1)) == 0
+    assert_same_state(final_state(straight_run), final_state(str(run_dir)))
+    with pytest.raises(SystemExit, match="warmup_steps: 0.1 -> 0.2"):  # a real change is still refused
+        run_train(tiny_args(data_dir, str(tmp_path), "fraction", warmup_steps=0.2, steps=40))
+
+
 def test_sigterm_mid_run_then_resume_equals_straight_run(straight_run, tmp_path):
     data_dir = final_state(straight_run)["config"]["data_dir"]
     # Signal as soon as step 3 is logged; the run stops at the end of whatever step it is in.
