@@ -1240,8 +1240,11 @@ def parse_args(argv):
                         help="if the run folder holds a different config, move it aside and start over")
     parser.add_argument("--print_config", action="store_true",
                         help="print the resolved config (defaults filled in, checked) as YAML and exit without training")
+    parser.add_argument("--check_jobs", action="store_true",
+                        help="check the config of every job of a sweep file (as --job_idx would) and exit: "
+                             "0 when all are valid, else one error line naming the first bad job")
     args, overrides = parser.parse_known_args(argv)
-    if args.config is None and not overrides and not args.print_config:
+    if args.config is None and not overrides and not args.print_config and not args.check_jobs:
         # Without a file or a single key there is nothing to say which run is meant: starting the
         # built-in defaults into runs/run would be a surprise, not a choice.
         parser.print_usage(sys.stderr)
@@ -1254,8 +1257,24 @@ QUICK_START = ("python prepare.py --source shakespeare --tokenizer char --out da
                "python train.py configs/shakespeare_char.yaml")
 
 
+def check_jobs(path, overrides):
+    """Load every job of a (sweep) config file as training it would; fail naming the first bad one."""
+    raw = sweep.load_yaml(path) if path else {}
+    n_jobs = sweep.count(raw)
+    for job in range(n_jobs):
+        try:
+            load_config(path, overrides, job if n_jobs > 1 else None)
+        except SystemExit as e:
+            what = f"job {job} ({', '.join(f'{k}={v}' for k, v in sweep.varying(raw, job).items())})" if n_jobs > 1 else path
+            fail(f"{what}: {str(e).removeprefix('train.py: error: ')}")
+    return n_jobs
+
+
 def main(argv=None):
     args, overrides = parse_args(sys.argv[1:] if argv is None else argv)
+    if args.check_jobs:
+        print(f"{check_jobs(args.config, overrides)} job(s) checked")
+        return 0
     cfg = load_config(args.config, overrides, args.job_idx)
     if args.print_config:  # block YAML of the config keys alone, so the output is itself a config file
         print(yaml.safe_dump({key: cfg[key] for key in CONFIG}, sort_keys=False, default_flow_style=False), end="")

@@ -320,6 +320,22 @@ def test_slurm_refuses_a_bad_sweep_before_submitting(slurm_bin, tmp_path):
     assert calls_of(calls, "sbatch") == []
 
 
+def test_a_bad_job_config_is_caught_before_anything_is_submitted(hamlet_data, slurm_bin, tmp_path):
+    """sweep.py --check resolves every job as train.py would; slurm.sh runs it first, so one bad job
+    (here job 1's negative lr) fails the submission in one line naming that job."""
+    bin_dir, calls = slurm_bin
+    cfg = write_sweep_config(tmp_path, hamlet_data, lr=[1.0e-3, -3.0e-3])
+    check = run_sweep_cli(str(cfg), "--check")
+    assert check.returncode == 1 and check.stdout == ""
+    assert check.stderr.strip() == "train.py: error: job 1 (lr=-0.003): config key 'lr' must not be negative, got -0.003"
+    result = subprocess.run(["bash", os.path.join(ROOT, "slurm.sh"), str(cfg)], cwd=tmp_path, capture_output=True,
+                            text=True, timeout=120, env=slurm_env(bin_dir))
+    assert result.returncode == 1 and result.stderr.strip() == check.stderr.strip()
+    assert calls_of(calls, "sbatch") == [] and not (tmp_path / "slurm_logs").exists()
+    good = write_sweep_config(tmp_path, hamlet_data)
+    assert run_sweep_cli(str(good), "--check").stdout == f"2 job(s) of {good}: every config is valid\n"
+
+
 def test_slurm_refuses_a_request_no_node_can_run_before_submitting(hamlet_data, slurm_bin, tmp_path):
     """GPUS_PER_NODE=0 alone is a CPU job with 2 cores; when SLURM answers --test-only with a
     refusal (here: nodes too small), slurm.sh says so in one line instead of submitting a job that
