@@ -9,10 +9,12 @@ checkpoints, and the training loop. A run can be stopped at any step (SIGTERM, S
 SIGINT) and started again with the same command: it continues bit-exactly.
 """
 import argparse
+import concurrent.futures
 import contextlib
 import dataclasses
 import datetime
 import difflib
+import functools
 import glob
 import json
 import math
@@ -34,9 +36,10 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import yaml
+from torch.nn.parallel import DistributedDataParallel
 
 import sweep
-from model import ModelConfig, Transformer, use_fast_ops
+from model import ModelConfig, Transformer, rope_tables, use_fast_ops
 
 # -----------------------------------------------------------------------------
 # Config: every key, its default, and what it means. The README's table is this one.
@@ -336,11 +339,52 @@ def deal(step_ids, world, rank, micro_batch_size):
 
 def get_windows(tokens, ids, seq_len, device):
     """Inputs and targets (len(ids), seq_len) for windows `ids` of a memmapped token array."""
+    return to_device(read_windows(tokens, ids, seq_len, device), device)
+
+
+def read_windows(tokens, ids, seq_len, device):
+    """The windows as one (len(ids), seq_len + 1) CPU tensor; pinned when bound for a GPU, so that the
+    copy there runs asynchronously."""
     rows = np.stack([tokens[i * seq_len:i * seq_len + seq_len + 1] for i in ids]).astype(np.int64)
     batch = torch.from_numpy(rows)
-    if device.type == "cuda":
-        batch = batch.pin_memory().to(device, non_blocking=True)
+    return batch.pin_memory() if device.type == "cuda" else batch
+
+
+def to_device(batch, device):
+    batch = batch.to(device, non_blocking=True)
     return batch[:, :-1], batch[:, 1:]
+
+
+class Prefetcher:
+    """This rank's micro-batches, step after step, in the sampler's order. While step N trains, a
+    background thread reads step N+1's windows from the memmap (and pins them), so the GPU never
+    waits for the disk or np.stack. The sampler is advanced here, in the training thread only, and
+    state_dict() is its position after the steps handed out: what a checkpoint must hold, whatever
+    was read ahead."""
+
+    def __init__(self, tokens, sampler, cfg, world, rank, device, steps):
+        self.tokens, self.sampler, self.cfg, self.world, self.rank, self.device = tokens, sampler, cfg, world, rank, device
+        self.steps_left, self.state = steps, sampler.state_dict()
+        self.pool = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="prefetch")
+        self.ahead = self._read_next() if steps > 0 else None
+
+    def _read_next(self):
+        ids = deal(self.sampler.next_ids(self.cfg["batch_size"]), self.world, self.rank, self.cfg["micro_batch_size"])
+        read = [functools.partial(read_windows, self.tokens, micro_ids, self.cfg["seq_len"], self.device) for micro_ids in ids]
+        return self.pool.submit(lambda: [r() for r in read]), self.sampler.state_dict()
+
+    def next_step(self):
+        """[(inputs, targets)] of the next step's micro-batches, on the device."""
+        future, self.state = self.ahead
+        self.steps_left -= 1
+        self.ahead = self._read_next() if self.steps_left > 0 else None  # nothing is read past the last step
+        return [to_device(batch, self.device) for batch in future.result()]
+
+    def state_dict(self):
+        return dict(self.state)
+
+    def close(self):
+        self.pool.shutdown(wait=True, cancel_futures=True)
 
 
 # -----------------------------------------------------------------------------
@@ -362,11 +406,13 @@ def setup_distributed(cfg):
     if cfg["device"] == "cuda" and not torch.cuda.is_available():
         fail("device is cuda but no CUDA GPU is visible: set device: cpu (or auto)")
     if use_cuda:
-        # Every rank on its own GPU. srun may show each task only its own GPU (--gpus-per-task=1),
-        # which is then device 0 for it, whatever its local rank.
-        gpu = local_rank % torch.cuda.device_count()
+        torchrun_world = int(env["LOCAL_WORLD_SIZE"]) if "LOCAL_WORLD_SIZE" in env else None
+        gpu = gpu_of(local_rank, torch.cuda.device_count(), torchrun_world)
         torch.cuda.set_device(gpu)
         device = torch.device("cuda", gpu)
+        # TF32 for the fp32 matmuls and convolutions autocast leaves (the current API; allow_tf32 is legacy).
+        torch.backends.cuda.matmul.fp32_precision = "tf32"
+        torch.backends.cudnn.conv.fp32_precision = "tf32"
     else:
         device = torch.device("cpu")
     if world > 1:
@@ -377,13 +423,25 @@ def setup_distributed(cfg):
     return rank, world, device
 
 
+def gpu_of(local_rank, n_gpus, torchrun_local_world=None):
+    """The GPU of this process: its local rank's. srun may show each task only its own GPU
+    (--gpus-per-task=1), which is then device 0 for it. More processes than visible GPUs would
+    share GPUs silently (each at a fraction of the speed) or fail inside NCCL: one clear error instead."""
+    if torchrun_local_world is None and n_gpus == 1:
+        return 0
+    if local_rank >= n_gpus or (torchrun_local_world or 0) > n_gpus:
+        fail(f"{max(torchrun_local_world or 0, local_rank + 1)} processes on this node but only {n_gpus} GPU(s) visible: "
+             f"start one process per GPU (torchrun --nproc_per_node={n_gpus}, or srun --ntasks-per-node={n_gpus})")
+    return local_rank
+
+
 def choose_precision(cfg, device):
     """(autocast dtype or None, human-readable reason)."""
     dtype = cfg["dtype"]
     if dtype == "auto":
         if device.type != "cuda":
             return None, "fp32" + fast_ops_note(cfg, device) + " (auto: this CPU has no fast bf16)"
-        if torch.cuda.is_bf16_supported():
+        if torch.cuda.is_bf16_supported(including_emulation=False):  # emulated bf16 (pre-Ampere) is slow
             return torch.bfloat16, "bf16 autocast (auto: CUDA with bf16)"
         return torch.float16, "fp16 autocast + loss scaling (auto: this GPU has no bf16)"
     if dtype == "fp32":
@@ -409,21 +467,18 @@ def autocast(device, amp_dtype):
 def build_model(cfg, vocab_size, device, world, amp_dtype):
     """(raw model, model to call). The raw model owns the parameters and clean state-dict names;
     the one to call may be DDP-wrapped, FSDP-sharded and/or compiled."""
-    torch.manual_seed(cfg["seed"])  # same initial weights on every rank
-    raw = Transformer(model_config(cfg, vocab_size), fast_ops=cfg["fast_ops"]).to(device)
+    if world > 1 and cfg["parallelism"] == "fsdp":
+        raw = build_sharded(cfg, vocab_size, device, amp_dtype)
+        return raw, raw  # compiled block by block, if at all
+    raw = Transformer(model_config(cfg, vocab_size), fast_ops=cfg["fast_ops"])
+    # Seeded just before the weights are drawn (not before the layers' own default init): the same
+    # initial weights on every rank, and the ones build_sharded draws for FSDP.
+    torch.manual_seed(cfg["seed"])
+    raw.reset_parameters()
+    raw = raw.to(device)
     raw.checkpoint_every = int(cfg["activation_checkpointing"])
     model = raw
-    if world > 1 and cfg["parallelism"] == "fsdp":
-        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-        mp = MixedPrecisionPolicy(param_dtype=amp_dtype, reduce_dtype=torch.float32) if amp_dtype else MixedPrecisionPolicy()
-        # The model returns its logits sliced to vocab_size, a view; nothing changes them in place, so
-        # FSDP's warning about in-place ops on returned views does not apply here.
-        warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view tensor")
-        for block in raw.blocks:
-            fully_shard(block, mp_policy=mp)
-        fully_shard(raw, mp_policy=mp)  # shards in place: raw is the sharded model
-    elif world > 1:
-        from torch.nn.parallel import DistributedDataParallel
+    if world > 1:
         # gradient_as_bucket_view: the gradients live in DDP's all-reduce buckets instead of
         # being copied there, which saves one model-sized buffer per process.
         # forward_sync_buffers off: the only buffers are the RoPE tables, the same on every rank, so
@@ -434,6 +489,42 @@ def build_model(cfg, vocab_size, device, world, amp_dtype):
     if cfg["compile"]:
         model = torch.compile(model)
     return raw, model
+
+
+def build_sharded(cfg, vocab_size, device, amp_dtype):
+    """FSDP2. The model is built on the meta device (shapes only, no memory), each block is compiled
+    and sharded, then the rest; only then does each rank allocate its shard and fill it with the
+    weights a 1-process run starts from. So no GPU ever holds the whole model."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    from torch.distributed.tensor import distribute_tensor
+    with torch.device("meta"):
+        raw = Transformer(model_config(cfg, vocab_size), fast_ops=cfg["fast_ops"])
+    raw.checkpoint_every = int(cfg["activation_checkpointing"])
+    # Gradients are reduced in fp32. cast_forward_inputs=False: FSDP would otherwise cast every block's
+    # inputs to bf16, the residual stream and the RoPE tables with them, which DDP's autocast keeps in fp32.
+    mp = MixedPrecisionPolicy(param_dtype=amp_dtype, reduce_dtype=torch.float32 if amp_dtype else None,
+                              cast_forward_inputs=False)
+    # The model returns its logits sliced to vocab_size, a view; nothing changes them in place, so
+    # FSDP's warning about in-place ops on returned views does not apply here.
+    warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view tensor")
+    for block in raw.blocks:
+        if cfg["compile"]:  # per block, before sharding: FSDP's hooks stay outside the compiled graphs
+            block.compile()
+        fully_shard(block, mp_policy=mp)
+    fully_shard(raw, mp_policy=mp)  # shards in place: raw is the sharded model
+    raw.to_empty(device=device)
+    with torch.no_grad():
+        cos, sin = rope_tables(raw.cfg.head_dim, raw.cfg.max_seq_len, raw.cfg.rope_theta)
+        raw.rope_cos.copy_(cos)
+        raw.rope_sin.copy_(sin)
+        # Each full tensor is drawn on the CPU, in the order and from the generator a 1-process build
+        # uses; this rank keeps its shard. One parameter at a time is all the extra memory it takes.
+        torch.manual_seed(cfg["seed"])
+        for name, param in raw.named_parameters():
+            full = torch.empty(param.shape)
+            raw.init_parameter(name, full)
+            param.copy_(distribute_tensor(full.to(device), param.device_mesh, param.placements, src_data_rank=None))
+    return raw
 
 
 def make_optimizer(raw, cfg):
@@ -474,7 +565,9 @@ def train_step(model, raw, optimizer, scaler, micro_batches, cfg, device, amp_dt
         grad_norm = grad_norm.full_tensor()
     scaler.step(optimizer)
     scaler.update()
-    optimizer.zero_grad(set_to_none=True)
+    # DDP's gradients are views of its all-reduce buckets (gradient_as_bucket_view): zeroed in place they
+    # stay there; set to None, DDP would allocate them anew every step.
+    optimizer.zero_grad(set_to_none=not isinstance(getattr(model, "_orig_mod", model), DistributedDataParallel))
     return loss_sum / len(micro_batches), grad_norm
 
 
@@ -954,10 +1047,13 @@ def release_run_lock():
 # -----------------------------------------------------------------------------
 # Logging.
 
-# Dense bf16 datasheet peaks. The first key found in the device name wins, so the PCIe/NVL H100s
-# (lower clocks) come before plain "H100" (the SXM part).
-GPU_PEAK_BF16_TFLOPS = {"B200": 2250, "H200": 989, "H100 PCIe": 756, "H100 NVL": 835, "H100": 989, "A100": 312,
-                        "L40S": 362, "A10G": 70, "L4": 121, "RTX 4090": 165, "RTX 3090": 71}
+# Dense bf16 datasheet peaks. The first key found in the device name wins, so the PCIe/NVL parts
+# (lower clocks) come before the plain names (the SXM parts), and "GB200" before "B200".
+# GB200: 2.5 PFLOP/s per GPU (180 for an NVL72 rack); H800 and A800: the export variants of the
+# H100 and A100, with their compute.
+GPU_PEAK_BF16_TFLOPS = {"GB200": 2500, "B200": 2250, "H200 NVL": 835, "H200": 989, "H100 PCIe": 756, "H100 NVL": 835,
+                        "H100": 989, "H800 PCIe": 756, "H800": 989, "A100": 312, "A800": 312, "L40S": 362, "A10G": 70,
+                        "L4": 121, "RTX 4090": 165, "RTX 3090": 71}
 
 
 def peak_flops(device, amp_dtype):
@@ -1051,14 +1147,28 @@ def request_stop(signum, frame):
         signal.signal(signum, signal.SIG_DFL)
 
 
-def stop_requested(world, device):
-    """True on every rank when any rank was signalled (they must all stop at the same step)."""
-    flag = STOP_SIGNAL["name"] is not None
-    if world == 1:
-        return flag
-    flag = torch.tensor(float(flag), device=device)
-    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-    return flag.item() > 0
+class StopFlag:
+    """Whether to stop after this step: True on every rank at the same step once any rank was
+    signalled. The ranks agree over a CPU (gloo) group, in the background, and read the answer one
+    step later: reading a GPU tensor every step would make the CPU wait for the GPU each time, and
+    leave the GPU idle while the next step is set up. With several ranks a stop comes a step later."""
+
+    def __init__(self, world):
+        self.world, self.pending = world, None
+        self.group = dist.new_group(backend="gloo") if world > 1 else None  # every rank creates it
+
+    def __call__(self):
+        signalled = STOP_SIGNAL["name"] is not None
+        if self.world == 1:
+            return signalled
+        agreed = False
+        if self.pending is not None:  # last step's question, long answered
+            work, flag = self.pending
+            work.wait()
+            agreed = flag.item() > 0
+        flag = torch.tensor([float(signalled)])
+        self.pending = dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.group, async_op=True), flag
+        return agreed
 
 
 # -----------------------------------------------------------------------------
@@ -1088,6 +1198,7 @@ def train(cfg, overwrite=False):
     start_step = resume_or_branch(cfg, meta, run_dir, raw, optimizer, scaler, sampler, rank, world, device, log)
     torch.manual_seed(cfg["seed"] + rank + 1000 * start_step)  # per-rank streams for anything random later
 
+    stop_requested = StopFlag(world)
     accum = cfg["batch_size"] // (cfg["micro_batch_size"] * world)
     tokens_per_step = cfg["batch_size"] * cfg["seq_len"]
     flops_per_step = raw.flops_per_token(cfg["seq_len"]) * tokens_per_step
@@ -1100,6 +1211,7 @@ def train(cfg, overwrite=False):
         log(f"already trained to step {start_step} (steps: {cfg['steps']}): nothing to do")
         return 0
 
+    batches = Prefetcher(train_tokens, sampler, cfg, world, rank, device, steps=cfg["steps"] - start_step)
     # loss_sum: the losses since the last log line. The clock times the steps since it last restarted
     # (after a log line, an evaluation, a checkpoint or the first step, which compiles and allocates),
     # so tokens/s and the ETA count steady training alone.
@@ -1111,15 +1223,13 @@ def train(cfg, overwrite=False):
         factor = lr_factor(step, cfg)
         for group, base_lr in zip(optimizer.param_groups, base_lrs):
             group["lr"] = base_lr * factor
-        ids = deal(sampler.next_ids(cfg["batch_size"]), world, rank, cfg["micro_batch_size"])
-        micro_batches = [get_windows(train_tokens, micro_ids, cfg["seq_len"], device) for micro_ids in ids]
-        loss, grad_norm = train_step(model, raw, optimizer, scaler, micro_batches, cfg, device, amp_dtype)
+        loss, grad_norm = train_step(model, raw, optimizer, scaler, batches.next_step(), cfg, device, amp_dtype)
         loss_sum = loss if loss_sum is None else loss_sum + loss
 
         last = step == cfg["steps"]
         logging = step % cfg["log_every"] == 0 or last
         evaluating = (cfg["eval_every"] and step % cfg["eval_every"] == 0) or last
-        stopping = stop_requested(world, device)
+        stopping = stop_requested()
         saving = last or stopping or (cfg["save_every"] and step % cfg["save_every"] == 0)
         record = {}
         if logging or (saving and loss_sum is not None):  # never log or checkpoint a diverged model
@@ -1141,7 +1251,7 @@ def train(cfg, overwrite=False):
         if record:
             metrics.write(record)
         if saving:
-            save_checkpoint(run_dir, step, raw, optimizer, scaler, sampler, cfg, meta, rank, world, cfg["keep_last"])
+            save_checkpoint(run_dir, step, raw, optimizer, scaler, batches, cfg, meta, rank, world, cfg["keep_last"])
         if cfg["compile"] and step == start_step + 1:
             log(f"compiled: the first step took {fmt_duration(time.time() - clock_time)}")
         if logging or evaluating or saving or step == start_step + 1:  # the one place the clock restarts
@@ -1152,8 +1262,8 @@ def train(cfg, overwrite=False):
             return STOPPED_EXIT_CODE
 
     log(f"done: {cfg['steps']} steps in {fmt_duration(time.time() - t_start)}; curves and summary: python plot.py {run_dir}")
-    if cfg["sample_tokens"] and is_main:
-        print_sample(raw, meta, cfg["sample_tokens"])
+    if cfg["sample_tokens"]:
+        print_sample(raw, meta, cfg, rank, world, device, amp_dtype)
     return 0
 
 
@@ -1214,15 +1324,27 @@ def resume_or_branch(cfg, meta, run_dir, raw, optimizer, scaler, sampler, rank, 
     return start_step
 
 
-def print_sample(raw, meta, n_tokens):
-    """Stream a sample from the end-of-text token, as sample.py does."""
+def print_sample(raw, meta, cfg, rank, world, device, amp_dtype):
+    """Rank 0 streams a sample from the end-of-text token, as sample.py does. An FSDP model is first
+    gathered whole onto rank 0 (all ranks take part): generating with the sharded model would need
+    every rank in every forward pass, token after token."""
     from prepare import tokenizer_from_meta
     from sample import generate_streaming
+    if world > 1 and cfg["parallelism"] == "fsdp":
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+        state = get_model_state_dict(raw, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        if rank == 0:
+            raw = Transformer(raw.cfg, fast_ops=cfg["fast_ops"])
+            raw.load_state_dict(state)
+            raw.to(device)
+    if rank != 0:
+        return
     tokenizer = tokenizer_from_meta(meta)
     torch.manual_seed(0)
     print("---- sample ----", flush=True)
-    generate_streaming(raw, tokenizer, [tokenizer.eot_id], n_tokens, temperature=0.8, top_k=200,
-                       write=lambda text: print(text, end="", flush=True))
+    with autocast(device, amp_dtype if device.type == "cuda" else None):  # as trained; CPU autocast is slow
+        generate_streaming(raw.eval(), tokenizer, [tokenizer.eot_id], cfg["sample_tokens"], temperature=0.8, top_k=200,
+                           write=lambda text: print(text, end="", flush=True))
     print("\n----------------", flush=True)
 
 
