@@ -452,3 +452,9 @@ def test_readme_lists_every_config_key_and_ci_runs_its_test_command():
     with open(os.path.join(ROOT, ".ci", "run")) as f:
         ci_command = f.read().strip().splitlines()[-1]
     assert f"```bash\n{ci_command}\n```" in readme
+
+
+def test_fp16_with_fsdp_is_refused_before_anything_is_built():
+    cfg = train.load_config(None, ["--parallelism=fsdp", "--dtype=fp16"])
+    with pytest.raises(SystemExit, match="fp16 with FSDP is not supported"):
+        train.build_model(cfg, 65, torch.device("cpu"), world=2, amp_dtype=torch.float16)
