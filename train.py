@@ -468,7 +468,7 @@ def build_model(cfg, vocab_size, device, world, amp_dtype):
     """(raw model, model to call). The raw model owns the parameters and clean state-dict names;
     the one to call may be DDP-wrapped, FSDP-sharded and/or compiled."""
     if world > 1 and cfg["parallelism"] == "fsdp" and amp_dtype == torch.float16:
-        fail("fp16 with FSDP is not supported (its loss scaling needs unsharded gradients): use dtype bf16 or fp32")
+        fail("fp16 with FSDP is not supported: use dtype bf16 (or fp32)")
     if world > 1 and cfg["parallelism"] == "fsdp":
         raw = build_sharded(cfg, vocab_size, device, amp_dtype)
         return raw, raw  # compiled block by block, if at all
