@@ -22,6 +22,7 @@ START = time.time()  # before torch is imported: `startup_s` counts the imports 
 import argparse
 import functools
 import json
+import math
 import os
 import platform
 import statistics
@@ -262,10 +263,7 @@ def speedup(ours, hf, device):
 def bench(cfg, args, argv):
     if "RANK" in os.environ or int(os.environ.get("SLURM_STEP_NUM_TASKS", 1)) > 1:
         fail("bench.py measures one device: run it as a single process (not under torchrun or a multi-task srun)")
-    _, _, device = setup_distributed(cfg)
-    if device.type == "cuda":  # as train.py does
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
+    _, _, device = setup_distributed(cfg)  # on CUDA it also turns TF32 on, as for training
     amp_dtype, precision = choose_precision(cfg, device)
     data = open_data(cfg, args)
     if args._worker:
@@ -440,6 +438,204 @@ def bench_ops(cfg, args):
         print(f"{name:<34}{plain:>10.3f}{fast:>10.3f}{plain / fast:>11.2f}x  {'fast' if used else 'plain'}")
     print(json.dumps({"ops": rows, "rounds": args.rounds, "tokens": n}), flush=True)
     return 0
+
+
+# -----------------------------------------------------------------------------
+# --gpu_check: everything a CPU cannot show, in one run of a few minutes on one GPU.
+
+def check_data(folder, vocab_size=50257):
+    """A data folder in prepare.py's format that needs no network: the bytes of Python's own sources as
+    token ids spread over GPT-2's vocabulary (the 'dummy' tokenizer prints ids), so a GPT-2-shaped
+    model has real text to learn from."""
+    import glob
+    paths = sorted(glob.glob(os.path.join(os.path.dirname(os.__file__), "**", "*.py"), recursive=True))
+    pieces, size = [], 0
+    for path in paths:
+        with open(path, "rb") as f:
+            pieces.append(f.read())
+        size += len(pieces[-1])
+        if size > 24_000_000:
+            break
+    ids = np.frombuffer(b"".join(pieces), dtype=np.uint8).astype(np.uint16) * 193  # < 50256: the dummy end-of-text id
+    split = len(ids) * 19 // 20
+    os.makedirs(folder, exist_ok=True)
+    ids[:split].tofile(os.path.join(folder, "train.bin"))
+    ids[split:].tofile(os.path.join(folder, "val.bin"))
+    meta = {"format": 1, "complete": True, "tokenizer": "dummy", "vocab_size": vocab_size, "eot_id": vocab_size - 1,
+            "dtype": "uint16", "source": "bench.py --gpu_check: Python's sources", "args": {},
+            "splits": {"train": {"tokens": split, "docs": 1}, "val": {"tokens": len(ids) - split, "docs": 1}}}
+    with open(os.path.join(folder, "meta.json"), "w") as f:
+        json.dump(meta, f)
+
+
+def cuda_unit_checks(device):
+    """The model's CUDA paths against fp32 references: bf16 autocast forward and backward, the chunked
+    loss, generation with the KV cache, and what choose_precision and the MFU table say about this GPU."""
+    from model import ModelConfig, Transformer
+    from train import autocast
+    out = {}
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=50257, d_model=256, n_layers=2, n_heads=4, max_seq_len=256)
+    ref, gpu = Transformer(cfg, fast_ops=False), Transformer(cfg).to(device)
+    gpu.load_state_dict(ref.state_dict())
+    x, y = torch.randint(0, 50257, (4, 256)), torch.randint(0, 50257, (4, 256))
+    _, loss_ref = ref(x, y)
+    loss_ref.backward()
+    with autocast(device, torch.bfloat16):
+        _, loss = gpu(x.to(device), y.to(device))  # 4 x 256 x 50304 logits: the chunked loss (fast_ops)
+    loss.backward()
+    out["bf16_loss_rel_err"] = abs(loss.item() - loss_ref.item()) / loss_ref.item()
+    grad_err = max((a.grad.cpu() - b.grad).norm().item() / b.grad.norm().item()
+                   for a, b in zip(gpu.parameters(), ref.parameters()))
+    out["bf16_grad_rel_err_max"] = grad_err
+    prompt = torch.randint(0, 50257, (2, 8))
+    greedy_ref = ref.generate(prompt, 16, temperature=0)
+    out["generate_fp32_equals_cpu"] = torch.equal(gpu.generate(prompt.to(device), 16, temperature=0).cpu(), greedy_ref)
+    with autocast(device, torch.bfloat16):
+        out["generate_bf16_runs"] = gpu.generate(prompt.to(device), 16, temperature=0.8, top_k=50).shape == (2, 24)
+    out["bf16_native"] = torch.cuda.is_bf16_supported(including_emulation=False)
+    out["datasheet_peak_tflops"] = (peak_flops(device, torch.bfloat16) or 0) / 1e12 or None
+    out["ok"] = out["bf16_loss_rel_err"] < 1e-2 and grad_err < 5e-2 and out["generate_bf16_runs"] and out["bf16_native"]
+    return out
+
+
+def sync_free_training(data, out_dir):
+    """train.py in this process, GPT-2-small shape, bf16, compiled, under torch.cuda.set_sync_debug_mode:
+    every operation that makes the CPU wait for the GPU is recorded with the step it happened in.
+    Only the log steps may wait (they read the loss); the loss must fall well below chance."""
+    import warnings
+    import train
+    steps, log_every, syncs, current = 120, 40, [], [0]
+    real_step = train.train_step
+
+    def counting_step(*args):
+        current[0] += 1
+        return real_step(*args)
+
+    def record(message, *args, **kwargs):
+        if "synchronizing" in str(message):
+            syncs.append(current[0])
+
+    train.train_step = counting_step
+    warnings.showwarning, real_show = record, warnings.showwarning
+    config = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", "gpt2_small.yaml")
+    argv = [config, f"--data_dir={data}", f"--out_dir={out_dir}", "--exp_name=gpt2_small",
+            f"--steps={steps}", "--batch_size=32", "--micro_batch_size=16", "--warmup_steps=10", "--lr=1e-3",
+            f"--log_every={log_every}", "--eval_every=0", "--eval_tokens=65536", "--save_every=0"]
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("always")
+            warnings.showwarning = record
+            torch.cuda.set_sync_debug_mode("warn")
+            code = train.main(argv)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+        train.train_step, warnings.showwarning = real_step, real_show
+    with open(os.path.join(out_dir, "gpt2_small", "metrics.jsonl")) as f:
+        records = [json.loads(line) for line in f]
+    losses = [r["train_loss"] for r in records if "train_loss" in r]
+    # Step "0" is the set-up before the first step; step 1 allocates and compiles; log steps read the
+    # loss; the last step also evaluates and saves.
+    allowed = {0, 1, steps} | set(range(log_every, steps + 1, log_every))
+    falls = losses[-1] < math.log(50257) - 3  # from chance (10.8 nats) to below 7.8 on Python's byte-level text
+    return {"exit": code, "losses": [round(loss, 3) for loss in losses], "loss_falls": falls,
+            "steps_with_host_syncs": sorted(set(syncs)), "syncs_outside_log_steps": sorted(set(syncs) - allowed),
+            "tokens_per_s_logged": records[-1].get("tokens_per_s"), "peak_mem_mb": records[-1].get("peak_mem_mb"),
+            "ok": code == 0 and falls and not set(syncs) - allowed}
+
+
+def resume_on_gpu(data, out_dir):
+    """SIGTERM during a run, resume, and compare with a run never stopped: weights equal bit for bit."""
+    import signal
+    here = os.path.dirname(os.path.abspath(__file__))
+    base = [sys.executable, os.path.join(here, "train.py"), "configs/gpt2_small.yaml", f"--data_dir={data}",
+            f"--out_dir={out_dir}", "--d_model=256", "--n_layers=4", "--n_heads=4", "--steps=40", "--batch_size=16",
+            "--micro_batch_size=8", "--warmup_steps=5", "--log_every=1", "--eval_every=20", "--eval_tokens=65536",
+            "--save_every=20", "--compile=false", "--sample_tokens=20"]
+    straight = subprocess.run(base + ["--exp_name=straight"], cwd=here, capture_output=True, text=True)
+    proc = subprocess.Popen(base + ["--exp_name=stopped"], cwd=here, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    for line in proc.stdout:
+        if line.startswith("step 8/"):
+            proc.send_signal(signal.SIGTERM)
+            break
+    stop_log = proc.stdout.read()
+    stopped = proc.wait()
+    resumed = subprocess.run(base + ["--exp_name=stopped"], cwd=here, capture_output=True, text=True)
+    a, b = (torch.load(os.path.join(out_dir, name, "ckpt_0000040.pt"), map_location="cpu", weights_only=True)
+            for name in ("straight", "stopped"))
+    diffs = [(a["model"][k].double() - b["model"][k].double()).abs().max().item() for k in a["model"]]
+    return {"straight_exit": straight.returncode, "stopped_exit": stopped, "resumed_exit": resumed.returncode,
+            "stop_line": next((line for line in stop_log.splitlines() if "saved a checkpoint" in line), None),
+            "bit_exact": max(diffs) == 0.0, "max_weight_diff": max(diffs),
+            "sample_printed": "---- sample ----" in straight.stdout,
+            "ok": (straight.returncode, stopped, resumed.returncode) == (0, 75, 0) and max(diffs) == 0.0}
+
+
+def sample_and_export(out_dir):
+    here = os.path.dirname(os.path.abspath(__file__))
+    run = os.path.join(out_dir, "straight")
+    sample = subprocess.run([sys.executable, "sample.py", run, "--max_new_tokens=50"], cwd=here, capture_output=True, text=True)
+    export_dir = os.path.join(out_dir, "hf")
+    export = subprocess.run([sys.executable, "export.py", run, export_dir], cwd=here, capture_output=True, text=True)
+    out = {"sample_exit": sample.returncode, "sample_on_cuda": " on cuda" in sample.stderr,
+           "sample_words": len(sample.stdout.split()), "export_exit": export.returncode,
+           "export_files": sorted(os.listdir(export_dir)) if os.path.isdir(export_dir) else [],
+           "errors": [r.stderr.strip().splitlines()[-1] for r in (sample, export) if r.returncode and r.stderr.strip()]}
+    out["ok"] = sample.returncode == 0 and export.returncode == 0 and out["sample_on_cuda"] and out["sample_words"] >= 40
+    try:  # the exported folder in transformers (on the GPU image) gives our logits
+        from transformers import LlamaForCausalLM
+        from sample import load_checkpoint, load_model
+        ours = load_model(load_checkpoint(run)[1], "cuda")
+        hf = LlamaForCausalLM.from_pretrained(export_dir).to("cuda").eval()
+        idx = torch.randint(0, 50257, (2, 64), device="cuda")
+        with torch.no_grad():
+            a, b = ours(idx)[0], hf(idx).logits
+        out["hf_logits_max_abs_diff"] = (a - b).abs().max().item()
+        out["ok"] = out["ok"] and out["hf_logits_max_abs_diff"] < 1e-3
+    except ImportError:
+        out["hf_logits_max_abs_diff"] = None  # transformers not installed: the files were still written
+    return out
+
+
+def gpu_check(args):
+    """Run every check, each in a try so one failure still leaves the others' results; one JSON line."""
+    import tempfile
+    import traceback
+    if not torch.cuda.is_available():
+        fail("--gpu_check needs a CUDA GPU (none is visible)")
+    t0, device = time.time(), torch.device("cuda", 0)
+    result = {"device": torch.cuda.get_device_name(device), "torch": torch.__version__}
+    here = os.path.dirname(os.path.abspath(__file__))
+    with tempfile.TemporaryDirectory(prefix="plainlm_gpu_check_") as tmp:
+        data = os.path.join(tmp, "data")
+        check_data(data)
+        steps = [("cuda_unit", lambda: cuda_unit_checks(device)),
+                 ("train_gpt2_small_bf16_compiled", lambda: sync_free_training(data, os.path.join(tmp, "runs"))),
+                 ("sigterm_resume", lambda: resume_on_gpu(data, os.path.join(tmp, "resume"))),
+                 ("sample_export", lambda: sample_and_export(os.path.join(tmp, "resume")))]
+        for name, check in steps:
+            print(f"gpu_check: {name} ...", flush=True)
+            try:
+                result[name] = check()
+            except BaseException as e:  # a SystemExit from train.py's fail() too
+                result[name] = {"ok": False, "error": f"{type(e).__name__}: {e}",
+                                "where": traceback.format_exc().strip().splitlines()[-3:]}
+            print(f"gpu_check: {name}: {'ok' if result[name].get('ok') else 'FAILED'} ({time.time() - t0:.0f} s)", flush=True)
+        print("gpu_check: bench.py configs/gpt2_small.yaml (tokens/s, MFU) ...", flush=True)
+        bench_run = subprocess.run([sys.executable, "bench.py", "configs/gpt2_small.yaml", "--data", "dummy",
+                                    "--vocab_size", "50257", "--batch_size=64", "--steps", "5", "--rounds", "3"],
+                                   cwd=here, capture_output=True, text=True)
+        try:
+            numbers = json.loads(bench_run.stdout.strip().splitlines()[-1])
+            result["bench"] = {k: numbers.get(k) for k in ("tokens_per_s", "mfu", "achieved_tflops", "peak_tflops",
+                                                           "peak_mem_mb", "first_step_s", "data_ms", "params")}
+            result["bench"]["ok"] = bool(numbers.get("mfu")) and numbers["mfu"] >= 0.5
+        except (ValueError, IndexError):
+            result["bench"] = {"ok": False, "error": (bench_run.stderr.strip().splitlines() or ["no output"])[-1]}
+    result["seconds"] = round(time.time() - t0, 1)
+    result["ok"] = all(value.get("ok") for value in result.values() if isinstance(value, dict))
+    print(json.dumps(result), flush=True)
+    return 0 if result["ok"] else 1
 
 
 # -----------------------------------------------------------------------------
@@ -659,8 +855,9 @@ def bench_prepare(args):
 
 def parse_args(argv):
     parser = argparse.ArgumentParser(
-        usage="python bench.py CONFIG.yaml [options] [--key=value ...]\n       python bench.py --prepare SRC [--tokenizer TOK] [--rounds N]"
-              "\n       python bench.py CONFIG.yaml --time_to_loss --recipe 'KEY=VALUE ...' --recipe ... [--target LOSS]",
+        usage="python bench.py CONFIG.yaml [options] [--key=value ...]\n       python bench.py --prepare SRC [--tokenizer TOK] [--rounds N]\n"
+              "       python bench.py --gpu_check\n"
+              "       python bench.py CONFIG.yaml --time_to_loss --recipe 'KEY=VALUE ...' --recipe ... [--target LOSS]",
         description="Measure how fast a config trains: tokens/s, MFU, peak memory and start-up time, optionally\n"
                     "side by side with Hugging Face's LlamaForCausalLM of the same shape. Settings come from the\n"
                     "YAML file as in train.py, then --key=value overrides of any config key (`python train.py --help`).",
@@ -717,10 +914,16 @@ def parse_args(argv):
     parser.add_argument("--target", type=float,
                         help="with --time_to_loss: the validation loss to reach (default: the first recipe's final one); "
                              "a recipe reaches it at its first evaluation at or below it")
+    parser.add_argument("--gpu_check", action="store_true",
+                        help="instead: the checks only a CUDA GPU can run, in about 5 minutes on one H100/H200: the "
+                             "model's CUDA paths, a bf16 compiled GPT-2-small-shaped training run with no host sync "
+                             "outside log steps, SIGTERM + bit-exact resume, sample.py and export.py, and this "
+                             "benchmark's tokens/s and MFU on configs/gpt2_small.yaml (target 50%%); one JSON line, "
+                             "exit status 1 if any check failed")
     parser.add_argument("--_worker", choices=("ours", "hf"), help=argparse.SUPPRESS)
     args, overrides = parser.parse_known_args(argv)
-    if not args.prepare and not args.config:
-        parser.error("give a config file (or --prepare SRC)")
+    if not args.prepare and not args.config and not args.gpu_check:
+        parser.error("give a config file (or --prepare SRC, or --gpu_check)")
     for key in ("steps", "rounds", "warmup"):
         if getattr(args, key) is not None and getattr(args, key) < 1:
             parser.error(f"--{key} must be at least 1")
@@ -732,6 +935,8 @@ def main(argv=None):
     args, overrides = parse_args(argv)
     if args.prepare:
         return bench_prepare(args)
+    if args.gpu_check:
+        return gpu_check(args)
     if args.time_to_loss:
         return bench_time_to_loss(args, overrides)
     if args.steps is None:

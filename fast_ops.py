@@ -90,9 +90,9 @@ onednn_linear.register_autograd(_onednn_linear_backward,
                                 setup_context=lambda ctx, inputs, output: ctx.save_for_backward(*inputs))
 
 
-def linear(x, weight):
+def linear(x, weight, min_numel=MIN_MATMUL_INPUT):
     """x @ weight.T: oneDNN where it pays, else F.linear."""
-    return onednn_linear(x, weight) if pays(x, MIN_MATMUL_INPUT) else F.linear(x, weight)
+    return onednn_linear(x, weight) if pays(x, min_numel) else F.linear(x, weight)
 
 
 class FastLinear(nn.Linear):
@@ -224,7 +224,8 @@ class ChunkedCrossEntropy(torch.autograd.Function):
         rows = max(1, LOSS_CHUNK_LOGITS // weight.shape[0])
         for start in range(0, x.shape[0], rows):
             xs, ts, ok = x_c[start:start + rows], targets[start:start + rows], valid[start:start + rows]
-            logits = linear(xs, w_c).float()
+            # oneDNN at any size here: with the vocabulary's 50k+ outputs it ran these 1.5x faster than MKL
+            logits = linear(xs, w_c, min_numel=0).float()
             logits[:, vocab_size:] = float("-inf")  # padded rows of the head: never predicted
             lse = torch.logsumexp(logits, dim=-1)
             picked = logits.gather(1, ts.clamp(min=0)[:, None]).squeeze(1)
@@ -235,7 +236,7 @@ class ChunkedCrossEntropy(torch.autograd.Function):
             grad.scatter_add_(1, ts.clamp(min=0)[:, None], -ok[:, None].float())  # minus the one-hot
             grad = grad.mul_((ok * scale)[:, None]).to(dtype)  # ignored rows contribute nothing
             if grad_x is not None:
-                grad_x[start:start + rows] = linear(grad, w_c.t())
+                grad_x[start:start + rows] = linear(grad, w_c.t(), min_numel=0)
             if grad_w is not None and dtype == torch.float32:
                 grad_w.addmm_(grad.t(), xs)  # in place: no weight-sized temporary per chunk
             elif grad_w is not None:

@@ -164,7 +164,8 @@ class FeedForward(nn.Module):
     def forward(self, x):
         if self.glu:
             return self.w_down(F.silu(self.w_gate(x)) * self.w_up(x))
-        return self.w_down(F.relu(self.w_up(x)).square())
+        r = F.relu(self.w_up(x))
+        return self.w_down(r * r)  # not r.square(): CUDA autocast runs pow in fp32, a mul stays in bf16
 
 
 class Block(nn.Module):
@@ -201,20 +202,24 @@ class Transformer(nn.Module):
             fast.install(self)
 
     def reset_parameters(self):
+        for name, p in self.named_parameters():
+            self.init_parameter(name, p)
+
+    def init_parameter(self, name, p):
         """Matrices N(0, 0.02), the two residual output projections of each block scaled by
         1/sqrt(2 n_layers) so the residual stream does not grow with depth. Embedding and LM head:
         std 0.25/sqrt(d_model), so the first logits have std 0.25 at any width and the first loss is
-        ln(vocab) + ~0.03 (a flat 0.02 measured +0.13 nats at GPT-2-small width, +0.4 at 2048)."""
+        ln(vocab) + ~0.03 (a flat 0.02 measured +0.13 nats at GPT-2-small width, +0.4 at 2048).
+        One parameter at a time, so that train.py can initialise a sharded model piece by piece."""
         c = self.cfg
-        for name, p in self.named_parameters():
-            if p.dim() == 1:
-                nn.init.ones_(p)  # RMSNorm gains
-            elif name in ("tok_emb.weight", "lm_head.weight"):
-                nn.init.normal_(p, mean=0.0, std=0.25 / math.sqrt(c.d_model))
-            elif name.endswith(("wo.weight", "w_down.weight")):
-                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * c.n_layers))
-            else:
-                nn.init.normal_(p, mean=0.0, std=0.02)
+        if p.dim() == 1:
+            nn.init.ones_(p)  # RMSNorm gains
+        elif name in ("tok_emb.weight", "lm_head.weight"):
+            nn.init.normal_(p, mean=0.0, std=0.25 / math.sqrt(c.d_model))
+        elif name.endswith(("wo.weight", "w_down.weight")):
+            nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * c.n_layers))
+        else:
+            nn.init.normal_(p, mean=0.0, std=0.02)
 
     def forward(self, idx, targets=None, cache=None, reduction="mean"):
         """idx (B, T) token ids -> (logits (B, T, vocab_size), None), or with targets (None, loss):
@@ -228,6 +233,9 @@ class Transformer(nn.Module):
             raise ValueError("after the prompt, a cached forward takes one token at a time")
         cos, sin = self.rope_cos[pos:pos + T], self.rope_sin[pos:pos + T]
         x = self.tok_emb(idx)
+        if torch.is_autocast_enabled(x.device.type):
+            # Autocast keeps the residual stream in fp32; FSDP's bf16 weights would make it bf16 here.
+            x = x.float()
         for i, block in enumerate(self.blocks):
             if self.training and self.checkpoint_every and i % self.checkpoint_every == 0:
                 # Activation checkpointing: keep only the block's input; backward runs it again.
@@ -276,7 +284,9 @@ class Transformer(nn.Module):
         KV cache; when the context reaches max_seq_len the newest half is re-encoded and generation
         goes on. on_token(token (B, 1)) is called as each token is chosen (sample.py streams it)."""
         window = self.cfg.max_seq_len
-        cache = KVCache(self.cfg, idx.shape[0], window, idx.device, self.tok_emb.weight.dtype)
+        device = idx.device.type  # under autocast (sampling on a GPU) keys and values are in its dtype
+        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else self.tok_emb.weight.dtype
+        cache = KVCache(self.cfg, idx.shape[0], window, idx.device, dtype)
         logits, _ = self(idx[:, -window:], cache=cache)
         for i in range(max_new_tokens):
             logits = logits[:, -1, :].float()

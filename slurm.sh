@@ -55,6 +55,8 @@ if [ -z "${SLURM_ARRAY_TASK_ID:-}" ]; then
     export PLAINLM_DIR
     PLAINLM_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
     N=$(python "$PLAINLM_DIR/sweep.py" "$CONFIG" --count) || exit 1  # sweep.py printed why
+    # Every job's config must be valid before any is submitted: a typo in one job fails here, not in the queue.
+    python "$PLAINLM_DIR/sweep.py" "$CONFIG" --check >/dev/null || exit 1
     ARGS=(--array="0-$(( N - 1 ))${MAX_PARALLEL:+%$MAX_PARALLEL}"
           --job-name="plainlm-$(basename "${CONFIG%.*}")"
           --nodes="$NODES" --ntasks-per-node="$PROCS_PER_NODE" --cpus-per-task="$CPUS_PER_PROC"

@@ -189,6 +189,9 @@ def main(argv=None):
                         help="print the number of jobs (1 when the file has no axes)")
     action.add_argument("--list", action="store_true",
                         help="print a table of every job's values on the varying keys (the default)")
+    action.add_argument("--check", action="store_true",
+                        help="check every job's resolved config with train.py (as training it would) and exit non-zero "
+                             "naming the first bad job; slurm.sh runs this before submitting")
     action.add_argument("--job_idx", type=int, metavar="I",
                         help="print the fully resolved config of job I as YAML (defaults filled in "
                              "and validated by train.py), with its run folder in a comment")
@@ -197,6 +200,13 @@ def main(argv=None):
     raw = load_yaml(args.config)
     if args.count:
         print(count(raw))
+    elif args.check:
+        train_py = os.path.join(os.path.dirname(os.path.abspath(__file__)), "train.py")
+        result = subprocess.run([sys.executable, train_py, args.config, "--check_jobs"], capture_output=True, text=True)
+        sys.stderr.write(result.stderr)  # train.py's one line naming the bad job
+        if result.returncode == 0:
+            print(f"{count(raw)} job(s) of {args.config}: every config is valid")
+        return result.returncode
     elif args.job_idx is not None:
         job_config(raw, args.job_idx)  # range check first: a clear error without starting train.py
         train_py = os.path.join(os.path.dirname(os.path.abspath(__file__)), "train.py")

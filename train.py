@@ -9,10 +9,12 @@ checkpoints, and the training loop. A run can be stopped at any step (SIGTERM, S
 SIGINT) and started again with the same command: it continues bit-exactly.
 """
 import argparse
+import concurrent.futures
 import contextlib
 import dataclasses
 import datetime
 import difflib
+import functools
 import glob
 import json
 import math
@@ -34,9 +36,10 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import yaml
+from torch.nn.parallel import DistributedDataParallel
 
 import sweep
-from model import ModelConfig, Transformer, use_fast_ops
+from model import ModelConfig, Transformer, rope_tables, use_fast_ops
 from optimizers import LR_ADJUSTMENTS, Muon, Signum
 
 # -----------------------------------------------------------------------------
@@ -233,10 +236,13 @@ def run_dir_of(cfg):
 # -----------------------------------------------------------------------------
 # Learning-rate schedules. `step` counts optimizer steps from 1, so step 1 never runs at LR 0.
 
+def steps_of(value, steps):
+    """warmup_steps or cooldown_steps as a count: a number below 1 is a fraction of steps."""
+    return round(value * steps) if isinstance(value, float) and value < 1 else int(value)
+
+
 def schedule_lengths(cfg):
-    def steps_of(value):
-        return round(value * cfg["steps"]) if isinstance(value, float) and value < 1 else int(value)
-    return steps_of(cfg["warmup_steps"]), steps_of(cfg["cooldown_steps"])
+    return steps_of(cfg["warmup_steps"], cfg["steps"]), steps_of(cfg["cooldown_steps"], cfg["steps"])
 
 
 def lr_factor(step, cfg):
@@ -347,11 +353,52 @@ def deal(step_ids, world, rank, micro_batch_size):
 
 def get_windows(tokens, ids, seq_len, device):
     """Inputs and targets (len(ids), seq_len) for windows `ids` of a memmapped token array."""
+    return to_device(read_windows(tokens, ids, seq_len, device), device)
+
+
+def read_windows(tokens, ids, seq_len, device):
+    """The windows as one (len(ids), seq_len + 1) CPU tensor; pinned when bound for a GPU, so that the
+    copy there runs asynchronously."""
     rows = np.stack([tokens[i * seq_len:i * seq_len + seq_len + 1] for i in ids]).astype(np.int64)
     batch = torch.from_numpy(rows)
-    if device.type == "cuda":
-        batch = batch.pin_memory().to(device, non_blocking=True)
+    return batch.pin_memory() if device.type == "cuda" else batch
+
+
+def to_device(batch, device):
+    batch = batch.to(device, non_blocking=True)
     return batch[:, :-1], batch[:, 1:]
+
+
+class Prefetcher:
+    """This rank's micro-batches, step after step, in the sampler's order. While step N trains, a
+    background thread reads step N+1's windows from the memmap (and pins them), so the GPU never
+    waits for the disk or np.stack. The sampler is advanced here, in the training thread only, and
+    state_dict() is its position after the steps handed out: what a checkpoint must hold, whatever
+    was read ahead."""
+
+    def __init__(self, tokens, sampler, cfg, world, rank, device, steps):
+        self.tokens, self.sampler, self.cfg, self.world, self.rank, self.device = tokens, sampler, cfg, world, rank, device
+        self.steps_left, self.state = steps, sampler.state_dict()
+        self.pool = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="prefetch")
+        self.ahead = self._read_next() if steps > 0 else None
+
+    def _read_next(self):
+        ids = deal(self.sampler.next_ids(self.cfg["batch_size"]), self.world, self.rank, self.cfg["micro_batch_size"])
+        read = [functools.partial(read_windows, self.tokens, micro_ids, self.cfg["seq_len"], self.device) for micro_ids in ids]
+        return self.pool.submit(lambda: [r() for r in read]), self.sampler.state_dict()
+
+    def next_step(self):
+        """[(inputs, targets)] of the next step's micro-batches, on the device."""
+        future, self.state = self.ahead
+        self.steps_left -= 1
+        self.ahead = self._read_next() if self.steps_left > 0 else None  # nothing is read past the last step
+        return [to_device(batch, self.device) for batch in future.result()]
+
+    def state_dict(self):
+        return dict(self.state)
+
+    def close(self):
+        self.pool.shutdown(wait=True, cancel_futures=True)
 
 
 # -----------------------------------------------------------------------------
@@ -373,11 +420,13 @@ def setup_distributed(cfg):
     if cfg["device"] == "cuda" and not torch.cuda.is_available():
         fail("device is cuda but no CUDA GPU is visible: set device: cpu (or auto)")
     if use_cuda:
-        # Every rank on its own GPU. srun may show each task only its own GPU (--gpus-per-task=1),
-        # which is then device 0 for it, whatever its local rank.
-        gpu = local_rank % torch.cuda.device_count()
+        torchrun_world = int(env["LOCAL_WORLD_SIZE"]) if "LOCAL_WORLD_SIZE" in env else None
+        gpu = gpu_of(local_rank, torch.cuda.device_count(), torchrun_world)
         torch.cuda.set_device(gpu)
         device = torch.device("cuda", gpu)
+        # TF32 for the fp32 matmuls and convolutions autocast leaves (the current API; allow_tf32 is legacy).
+        torch.backends.cuda.matmul.fp32_precision = "tf32"
+        torch.backends.cudnn.conv.fp32_precision = "tf32"
     else:
         device = torch.device("cpu")
     if world > 1:
@@ -388,13 +437,25 @@ def setup_distributed(cfg):
     return rank, world, device
 
 
+def gpu_of(local_rank, n_gpus, torchrun_local_world=None):
+    """The GPU of this process: its local rank's. srun may show each task only its own GPU
+    (--gpus-per-task=1), which is then device 0 for it. More processes than visible GPUs would
+    share GPUs silently (each at a fraction of the speed) or fail inside NCCL: one clear error instead."""
+    if torchrun_local_world is None and n_gpus == 1:
+        return 0
+    if local_rank >= n_gpus or (torchrun_local_world or 0) > n_gpus:
+        fail(f"{max(torchrun_local_world or 0, local_rank + 1)} processes on this node but only {n_gpus} GPU(s) visible: "
+             f"start one process per GPU (torchrun --nproc_per_node={n_gpus}, or srun --ntasks-per-node={n_gpus})")
+    return local_rank
+
+
 def choose_precision(cfg, device):
     """(autocast dtype or None, human-readable reason)."""
     dtype = cfg["dtype"]
     if dtype == "auto":
         if device.type != "cuda":
             return None, "fp32" + fast_ops_note(cfg, device) + " (auto: this CPU has no fast bf16)"
-        if torch.cuda.is_bf16_supported():
+        if torch.cuda.is_bf16_supported(including_emulation=False):  # emulated bf16 (pre-Ampere) is slow
             return torch.bfloat16, "bf16 autocast (auto: CUDA with bf16)"
         return torch.float16, "fp16 autocast + loss scaling (auto: this GPU has no bf16)"
     if dtype == "fp32":
@@ -420,21 +481,20 @@ def autocast(device, amp_dtype):
 def build_model(cfg, vocab_size, device, world, amp_dtype):
     """(raw model, model to call). The raw model owns the parameters and clean state-dict names;
     the one to call may be DDP-wrapped, FSDP-sharded and/or compiled."""
-    torch.manual_seed(cfg["seed"])  # same initial weights on every rank
-    raw = Transformer(model_config(cfg, vocab_size), fast_ops=cfg["fast_ops"]).to(device)
+    if world > 1 and cfg["parallelism"] == "fsdp" and amp_dtype == torch.float16:
+        fail("fp16 with FSDP is not supported: use dtype bf16 (or fp32)")
+    if world > 1 and cfg["parallelism"] == "fsdp":
+        raw = build_sharded(cfg, vocab_size, device, amp_dtype)
+        return raw, raw  # compiled block by block, if at all
+    raw = Transformer(model_config(cfg, vocab_size), fast_ops=cfg["fast_ops"])
+    # Seeded just before the weights are drawn (not before the layers' own default init): the same
+    # initial weights on every rank, and the ones build_sharded draws for FSDP.
+    torch.manual_seed(cfg["seed"])
+    raw.reset_parameters()
+    raw = raw.to(device)
     raw.checkpoint_every = int(cfg["activation_checkpointing"])
     model = raw
-    if world > 1 and cfg["parallelism"] == "fsdp":
-        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-        mp = MixedPrecisionPolicy(param_dtype=amp_dtype, reduce_dtype=torch.float32) if amp_dtype else MixedPrecisionPolicy()
-        # The model returns its logits sliced to vocab_size, a view; nothing changes them in place, so
-        # FSDP's warning about in-place ops on returned views does not apply here.
-        warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view tensor")
-        for block in raw.blocks:
-            fully_shard(block, mp_policy=mp)
-        fully_shard(raw, mp_policy=mp)  # shards in place: raw is the sharded model
-    elif world > 1:
-        from torch.nn.parallel import DistributedDataParallel
+    if world > 1:
         # gradient_as_bucket_view: the gradients live in DDP's all-reduce buckets instead of
         # being copied there, which saves one model-sized buffer per process.
         # forward_sync_buffers off: the only buffers are the RoPE tables, the same on every rank, so
@@ -462,6 +522,42 @@ def check_optimizer(cfg, world):
     if cfg["optimizer"] == "muon" and cfg["parallelism"] == "fsdp" and world > 1:
         # Orthogonalising needs each whole matrix, and FSDP2 gives every rank a slice of it.
         fail("optimizer 'muon' needs whole weight matrices and FSDP2 shards them: use --parallelism=ddp with muon")
+
+
+def build_sharded(cfg, vocab_size, device, amp_dtype):
+    """FSDP2. The model is built on the meta device (shapes only, no memory), each block is compiled
+    and sharded, then the rest; only then does each rank allocate its shard and fill it with the
+    weights a 1-process run starts from. So no GPU ever holds the whole model."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    from torch.distributed.tensor import distribute_tensor
+    with torch.device("meta"):
+        raw = Transformer(model_config(cfg, vocab_size), fast_ops=cfg["fast_ops"])
+    raw.checkpoint_every = int(cfg["activation_checkpointing"])
+    # Gradients are reduced in fp32. cast_forward_inputs=False: FSDP would otherwise cast every block's
+    # inputs to bf16, the residual stream and the RoPE tables with them, which DDP's autocast keeps in fp32.
+    mp = MixedPrecisionPolicy(param_dtype=amp_dtype, reduce_dtype=torch.float32 if amp_dtype else None,
+                              cast_forward_inputs=False)
+    # The model returns its logits sliced to vocab_size, a view; nothing changes them in place, so
+    # FSDP's warning about in-place ops on returned views does not apply here.
+    warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view tensor")
+    for block in raw.blocks:
+        if cfg["compile"]:  # per block, before sharding: FSDP's hooks stay outside the compiled graphs
+            block.compile()
+        fully_shard(block, mp_policy=mp)
+    fully_shard(raw, mp_policy=mp)  # shards in place: raw is the sharded model
+    raw.to_empty(device=device)
+    with torch.no_grad():
+        cos, sin = rope_tables(raw.cfg.head_dim, raw.cfg.max_seq_len, raw.cfg.rope_theta)
+        raw.rope_cos.copy_(cos)
+        raw.rope_sin.copy_(sin)
+        # Each full tensor is drawn on the CPU, in the order and from the generator a 1-process build
+        # uses; this rank keeps its shard. One parameter at a time is all the extra memory it takes.
+        torch.manual_seed(cfg["seed"])
+        for name, param in raw.named_parameters():
+            full = torch.empty(param.shape)
+            raw.init_parameter(name, full)
+            param.copy_(distribute_tensor(full.to(device), param.device_mesh, param.placements, src_data_rank=None))
+    return raw
 
 
 def make_optimizer(raw, cfg):
@@ -543,7 +639,9 @@ def train_step(model, raw, optimizer, scaler, micro_batches, cfg, device, amp_dt
         grad_norm = grad_norm.full_tensor()
     scaler.step(optimizer)
     scaler.update()
-    optimizer.zero_grad(set_to_none=True)
+    # DDP's gradients are views of its all-reduce buckets (gradient_as_bucket_view): zeroed in place they
+    # stay there; set to None, DDP would allocate them anew every step.
+    optimizer.zero_grad(set_to_none=not isinstance(getattr(model, "_orig_mod", model), DistributedDataParallel))
     return loss_sum / len(micro_batches), grad_norm
 
 
@@ -785,8 +883,7 @@ def check_same_run(cfg, meta, ckpt, path):
     the checkpoint was trained with. A deliberate change branches into a new run with init_from."""
     branch = f"to train on with this config and data, branch: --init_from={path} --exp_name=<new name>"
     saved = ckpt.get("config", {})
-    changed = [k for k in sorted(set(saved) | set(cfg)) if k not in RESUMABLE_CHANGES and k in CONFIG
-               and saved.get(k, DEFAULTS[k]) != cfg.get(k, DEFAULTS[k])]
+    changed = config_changes(saved, cfg)
     if changed:
         diff = ", ".join(f"{k}: {saved.get(k, DEFAULTS[k])!r} -> {cfg.get(k)!r}" for k in changed[:4])
         fail(f"checkpoint {path} was trained with another config ({diff}); use that config to resume, or {branch}")
@@ -795,6 +892,16 @@ def check_same_run(cfg, meta, ckpt, path):
         diff = ", ".join(f"{k}: {short(ckpt['meta'].get(k))} -> {short(meta.get(k))}" for k in changed[:3])
         fail(f"the data in '{cfg['data_dir']}' is not the data {path} was trained on ({diff}): point data_dir at "
              f"that data, or {branch}")
+
+
+def config_changes(saved, cfg):
+    """The keys that change what is trained (not RESUMABLE_CHANGES) whose values differ between a saved
+    config and this one. A warmup or cooldown is the same when both give the same number of steps
+    (30 and 0.1 of 300 steps), so a config rewritten with fractions still resumes its runs."""
+    def value(config, key):
+        v = config.get(key, DEFAULTS[key])
+        return steps_of(v, cfg["steps"]) if key in ("warmup_steps", "cooldown_steps") and isinstance(v, NUMBER) else v
+    return [k for k in sorted(set(saved) | set(cfg)) if k in CONFIG and k not in RESUMABLE_CHANGES and value(saved, k) != value(cfg, k)]
 
 
 def short(value):
@@ -829,8 +936,7 @@ def prepare_run_dir(cfg, overwrite, log):
     make_run_dir(run_dir)
     acquire_run_lock(run_dir, log)
     saved = read_run_config(run_dir, log)
-    changed = sorted(k for k in set(saved or {}) | set(cfg) if k not in RESUMABLE_CHANGES and saved.get(k) != cfg.get(k)) \
-        if saved is not None else []
+    changed = config_changes(saved, cfg) if saved is not None else []
     has_checkpoints = bool(checkpoint_paths(run_dir))
     if changed and not has_checkpoints:  # nothing was trained with it: a start that failed early
         log(f"note: replacing config.yaml of '{run_dir}', which has no checkpoints ({changed[0]} and others changed)")
@@ -1021,10 +1127,13 @@ def release_run_lock():
 # -----------------------------------------------------------------------------
 # Logging.
 
-# Dense bf16 datasheet peaks. The first key found in the device name wins, so the PCIe/NVL H100s
-# (lower clocks) come before plain "H100" (the SXM part).
-GPU_PEAK_BF16_TFLOPS = {"B200": 2250, "H200": 989, "H100 PCIe": 756, "H100 NVL": 835, "H100": 989, "A100": 312,
-                        "L40S": 362, "A10G": 70, "L4": 121, "RTX 4090": 165, "RTX 3090": 71}
+# Dense bf16 datasheet peaks. The first key found in the device name wins, so the PCIe/NVL parts
+# (lower clocks) come before the plain names (the SXM parts), and "GB200" before "B200".
+# GB200: 2.5 PFLOP/s per GPU (180 for an NVL72 rack); H800 and A800: the export variants of the
+# H100 and A100, with their compute.
+GPU_PEAK_BF16_TFLOPS = {"GB200": 2500, "B200": 2250, "H200 NVL": 835, "H200": 989, "H100 PCIe": 756, "H100 NVL": 835,
+                        "H100": 989, "H800 PCIe": 756, "H800": 989, "A100": 312, "A800": 312, "L40S": 362, "A10G": 70,
+                        "L4": 121, "RTX 4090": 165, "RTX 3090": 71}
 
 
 def peak_flops(device, amp_dtype):
@@ -1118,14 +1227,28 @@ def request_stop(signum, frame):
         signal.signal(signum, signal.SIG_DFL)
 
 
-def stop_requested(world, device):
-    """True on every rank when any rank was signalled (they must all stop at the same step)."""
-    flag = STOP_SIGNAL["name"] is not None
-    if world == 1:
-        return flag
-    flag = torch.tensor(float(flag), device=device)
-    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-    return flag.item() > 0
+class StopFlag:
+    """Whether to stop after this step: True on every rank at the same step once any rank was
+    signalled. The ranks agree over a CPU (gloo) group, in the background, and read the answer one
+    step later: reading a GPU tensor every step would make the CPU wait for the GPU each time, and
+    leave the GPU idle while the next step is set up. With several ranks a stop comes a step later."""
+
+    def __init__(self, world):
+        self.world, self.pending = world, None
+        self.group = dist.new_group(backend="gloo") if world > 1 else None  # every rank creates it
+
+    def __call__(self):
+        signalled = STOP_SIGNAL["name"] is not None
+        if self.world == 1:
+            return signalled
+        agreed = False
+        if self.pending is not None:  # last step's question, long answered
+            work, flag = self.pending
+            work.wait()
+            agreed = flag.item() > 0
+        flag = torch.tensor([float(signalled)])
+        self.pending = dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.group, async_op=True), flag
+        return agreed
 
 
 # -----------------------------------------------------------------------------
@@ -1156,6 +1279,7 @@ def train(cfg, overwrite=False):
     start_step = resume_or_branch(cfg, meta, run_dir, raw, optimizer, scaler, sampler, rank, world, device, log)
     torch.manual_seed(cfg["seed"] + rank + 1000 * start_step)  # per-rank streams for anything random later
 
+    stop_requested = StopFlag(world)
     accum = cfg["batch_size"] // (cfg["micro_batch_size"] * world)
     tokens_per_step = cfg["batch_size"] * cfg["seq_len"]
     flops_per_step = raw.flops_per_token(cfg["seq_len"]) * tokens_per_step
@@ -1168,6 +1292,7 @@ def train(cfg, overwrite=False):
         log(f"already trained to step {start_step} (steps: {cfg['steps']}): nothing to do")
         return 0
 
+    batches = Prefetcher(train_tokens, sampler, cfg, world, rank, device, steps=cfg["steps"] - start_step)
     # loss_sum: the losses since the last log line. The clock times the steps since it last restarted
     # (after a log line, an evaluation, a checkpoint or the first step, which compiles and allocates),
     # so tokens/s and the ETA count steady training alone.
@@ -1179,15 +1304,13 @@ def train(cfg, overwrite=False):
         factor = lr_factor(step, cfg)
         for group, base_lr in zip(optimizer.param_groups, base_lrs):
             group["lr"] = base_lr * factor
-        ids = deal(sampler.next_ids(cfg["batch_size"]), world, rank, cfg["micro_batch_size"])
-        micro_batches = [get_windows(train_tokens, micro_ids, cfg["seq_len"], device) for micro_ids in ids]
-        loss, grad_norm = train_step(model, raw, optimizer, scaler, micro_batches, cfg, device, amp_dtype)
+        loss, grad_norm = train_step(model, raw, optimizer, scaler, batches.next_step(), cfg, device, amp_dtype)
         loss_sum = loss if loss_sum is None else loss_sum + loss
 
         last = step == cfg["steps"]
         logging = step % cfg["log_every"] == 0 or last
         evaluating = (cfg["eval_every"] and step % cfg["eval_every"] == 0) or last
-        stopping = stop_requested(world, device)
+        stopping = stop_requested()
         saving = last or stopping or (cfg["save_every"] and step % cfg["save_every"] == 0)
         record = {}
         if logging or (saving and loss_sum is not None):  # never log or checkpoint a diverged model
@@ -1211,7 +1334,7 @@ def train(cfg, overwrite=False):
             metrics.write(record)
         if saving:
             with averaged_weights(optimizer):
-                save_checkpoint(run_dir, step, raw, optimizer, scaler, sampler, cfg, meta, rank, world, cfg["keep_last"])
+                save_checkpoint(run_dir, step, raw, optimizer, scaler, batches, cfg, meta, rank, world, cfg["keep_last"])
         if cfg["compile"] and step == start_step + 1:
             log(f"compiled: the first step took {fmt_duration(time.time() - clock_time)}")
         if logging or evaluating or saving or step == start_step + 1:  # the one place the clock restarts
@@ -1222,9 +1345,9 @@ def train(cfg, overwrite=False):
             return STOPPED_EXIT_CODE
 
     log(f"done: {cfg['steps']} steps in {fmt_duration(time.time() - t_start)}; curves and summary: python plot.py {run_dir}")
-    if cfg["sample_tokens"] and is_main:
+    if cfg["sample_tokens"]:
         with averaged_weights(optimizer):
-            print_sample(raw, meta, cfg["sample_tokens"])
+            print_sample(raw, meta, cfg, rank, world, device, amp_dtype)
     return 0
 
 
@@ -1288,15 +1411,27 @@ def resume_or_branch(cfg, meta, run_dir, raw, optimizer, scaler, sampler, rank, 
     return start_step
 
 
-def print_sample(raw, meta, n_tokens):
-    """Stream a sample from the end-of-text token, as sample.py does."""
+def print_sample(raw, meta, cfg, rank, world, device, amp_dtype):
+    """Rank 0 streams a sample from the end-of-text token, as sample.py does. An FSDP model is first
+    gathered whole onto rank 0 (all ranks take part): generating with the sharded model would need
+    every rank in every forward pass, token after token."""
     from prepare import tokenizer_from_meta
     from sample import generate_streaming
+    if world > 1 and cfg["parallelism"] == "fsdp":
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+        state = get_model_state_dict(raw, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        if rank == 0:
+            raw = Transformer(raw.cfg, fast_ops=cfg["fast_ops"])
+            raw.load_state_dict(state)
+            raw.to(device)
+    if rank != 0:
+        return
     tokenizer = tokenizer_from_meta(meta)
     torch.manual_seed(0)
     print("---- sample ----", flush=True)
-    generate_streaming(raw, tokenizer, [tokenizer.eot_id], n_tokens, temperature=0.8, top_k=200,
-                       write=lambda text: print(text, end="", flush=True))
+    with autocast(device, amp_dtype if device.type == "cuda" else None):  # as trained; CPU autocast is slow
+        generate_streaming(raw.eval(), tokenizer, [tokenizer.eot_id], cfg["sample_tokens"], temperature=0.8, top_k=200,
+                           write=lambda text: print(text, end="", flush=True))
     print("\n----------------", flush=True)
 
 
@@ -1314,8 +1449,11 @@ def parse_args(argv):
                         help="if the run folder holds a different config, move it aside and start over")
     parser.add_argument("--print_config", action="store_true",
                         help="print the resolved config (defaults filled in, checked) as YAML and exit without training")
+    parser.add_argument("--check_jobs", action="store_true",
+                        help="check the config of every job of a sweep file (as --job_idx would) and exit: "
+                             "0 when all are valid, else one error line naming the first bad job")
     args, overrides = parser.parse_known_args(argv)
-    if args.config is None and not overrides and not args.print_config:
+    if args.config is None and not overrides and not args.print_config and not args.check_jobs:
         # Without a file or a single key there is nothing to say which run is meant: starting the
         # built-in defaults into runs/run would be a surprise, not a choice.
         parser.print_usage(sys.stderr)
@@ -1328,8 +1466,24 @@ QUICK_START = ("python prepare.py --source shakespeare --tokenizer char --out da
                "python train.py configs/shakespeare_char.yaml")
 
 
+def check_jobs(path, overrides):
+    """Load every job of a (sweep) config file as training it would; fail naming the first bad one."""
+    raw = sweep.load_yaml(path) if path else {}
+    n_jobs = sweep.count(raw)
+    for job in range(n_jobs):
+        try:
+            load_config(path, overrides, job if n_jobs > 1 else None)
+        except SystemExit as e:
+            what = f"job {job} ({', '.join(f'{k}={v}' for k, v in sweep.varying(raw, job).items())})" if n_jobs > 1 else path
+            fail(f"{what}: {str(e).removeprefix('train.py: error: ')}")
+    return n_jobs
+
+
 def main(argv=None):
     args, overrides = parse_args(sys.argv[1:] if argv is None else argv)
+    if args.check_jobs:
+        print(f"{check_jobs(args.config, overrides)} job(s) checked")
+        return 0
     cfg = load_config(args.config, overrides, args.job_idx)
     if args.print_config:  # block YAML of the config keys alone, so the output is itself a config file
         print(yaml.safe_dump({key: cfg[key] for key in CONFIG}, sort_keys=False, default_flow_style=False), end="")

@@ -141,3 +141,20 @@ def test_time_to_loss_refuses_a_single_or_malformed_recipe(capsys):
         bench.main([CONFIG, "--time_to_loss", "--recipe", "optimizer=muon"])
     with pytest.raises(SystemExit, match=r"recipe 2 \('muon'\): write its settings as key=value"):
         bench.main([CONFIG, "--time_to_loss", "--recipe", "optimizer=adamw", "--recipe", "muon"])
+
+
+def test_gpu_check_without_a_gpu_is_one_clear_line(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(SystemExit, match=r"^bench.py: error: --gpu_check needs a CUDA GPU \(none is visible\)$"):
+        bench.main(["--gpu_check"])
+
+
+def test_gpu_check_data_is_text_in_prepare_format(tmp_path):
+    """The check's data: GPT-2's vocabulary, real (learnable) text, files train.py accepts."""
+    import numpy as np
+    import train
+    bench.check_data(str(tmp_path))
+    meta = train.read_meta(str(tmp_path))
+    tokens = train.open_tokens(str(tmp_path), "train", meta)
+    assert meta["vocab_size"] == 50257 and len(tokens) > 10_000_000 and tokens.max() < meta["eot_id"]
+    assert len(np.unique(tokens[:100_000])) < 120  # bytes of source code: a few dozen distinct tokens

@@ -688,3 +688,23 @@ def test_config_rejects_bad_shapes(overrides, message):
     kw.update(overrides)
     with pytest.raises(ValueError, match=message):
         ModelConfig(**kw)
+
+
+def test_under_autocast_the_residual_stream_is_fp32_and_the_kv_cache_is_in_autocast_dtype(monkeypatch):
+    """Sampling on a GPU runs under bf16 autocast: keys and values are cached in bf16 (half the memory,
+    no casts). Weights held in bf16 (FSDP's param_dtype) still give fp32 blocks' inputs, as autocast does."""
+    model = scramble(make_model(max_seq_len=32, fast_ops=False))
+    caches, inputs = [], []
+    real = KVCache.__init__
+    monkeypatch.setattr(KVCache, "__init__", lambda self, *a: (caches.append(a[-1]), real(self, *a))[1])
+    prompt = random_tokens((1, 4), 100)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model.generate(prompt, 6, temperature=0)
+    assert caches == [torch.bfloat16] and out.shape == (1, 10)
+    model.generate(prompt, 2, temperature=0)
+    assert caches[-1] == torch.float32  # without autocast: the weights' dtype
+    model.blocks[0].register_forward_pre_hook(lambda module, args: inputs.append(args[0].dtype))
+    model.to(torch.bfloat16)  # as FSDP's bf16 all-gather hands the weights to forward
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        model(prompt, prompt)
+    assert inputs == [torch.float32]

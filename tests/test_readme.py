@@ -74,5 +74,7 @@ def test_sweep_commands_run_and_print_what_their_comments_say(capsys, monkeypatc
             assert out.strip() == comment, "the README's count is not what sweep.py prints"
         elif args[-1] == "--list":
             assert out.split("\n")[0].split() == comment.removeprefix("table:").replace(",", "").split()
+        elif args[-1] == "--check":
+            assert out.endswith(": every config is valid\n")
         else:
             assert out.startswith("# job 5 of") and "\nlr: 0.004\n" in out

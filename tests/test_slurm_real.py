@@ -8,7 +8,6 @@ It submits from a temporary folder on this machine, so it needs a cluster whose 
 folder: a single-node cluster such as the one `slurm-local.sh start` sets up. The stand-in tests
 in test_sweep.py cover the same script without a cluster and run everywhere.
 """
-import json
 import os
 import re
 import shutil
@@ -28,6 +27,7 @@ if _check.returncode != 0:
 
 import torch  # noqa: E402  (after the skips: the default suite skips this module quickly)
 import yaml  # noqa: E402
+from test_sweep import final_checkpoint, train_losses  # noqa: E402  (the stand-in tests' readers)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = 500  # long enough to be interrupted mid-run through the scheduler, short on a busy machine
@@ -87,16 +87,6 @@ def tasks(job):
     out = subprocess.run(["scontrol", "-o", "show", "job", job], capture_output=True, text=True).stdout
     fields = [dict(re.findall(r"(\w+)=(\S*)", line)) for line in out.splitlines()]
     return {int(f["ArrayTaskId"]): (f["JobState"], f["ExitCode"], int(f["Restarts"])) for f in fields if "ArrayTaskId" in f}
-
-
-def final_checkpoint(run_dir):
-    names = sorted(n for n in os.listdir(run_dir) if re.fullmatch(r"ckpt_\d{7}\.pt", n))
-    return torch.load(os.path.join(run_dir, names[-1]), map_location="cpu", weights_only=False)
-
-
-def train_losses(run_dir):
-    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
-        return [(r["step"], r["train_loss"]) for r in map(json.loads, f) if "train_loss" in r]
 
 
 def wait_for_steps(run_dir, n, folder, timeout=300):

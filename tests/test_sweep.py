@@ -294,7 +294,7 @@ def test_slurm_submits_an_array_sized_by_the_sweep_and_each_job_trains_its_confi
     assert check["args"] == ["--test-only", *sbatch["args"]]  # SLURM is asked first whether it can run it
     args = sbatch["args"]
     assert "--array=0-1" in args and "--signal=B:USR1@120" in args and "--requeue" in args and "--time=1:00:00" in args
-    assert "--ntasks-per-node=1" in args and "--cpus-per-task=1" in args and not any("gpu" in a for a in args)
+    assert "--ntasks-per-node=1" in args and "--cpus-per-task=1" in args and not any("gpu" in a for a in args if a.startswith("--"))
     assert args[-2:] == [os.path.join(ROOT, "slurm.sh"), str(cfg)]  # it submits itself with the config
     assert training_threads(tmp_path) == ["1", "1"]  # torch threads = the task's cores, not the login shell's
     tasks = [json.loads(line) for line in calls.read_text().splitlines() if '"task"' in line]
@@ -320,6 +320,22 @@ def test_slurm_refuses_a_bad_sweep_before_submitting(slurm_bin, tmp_path):
     assert calls_of(calls, "sbatch") == []
 
 
+def test_a_bad_job_config_is_caught_before_anything_is_submitted(hamlet_data, slurm_bin, tmp_path):
+    """sweep.py --check resolves every job as train.py would; slurm.sh runs it first, so one bad job
+    (here job 1's negative lr) fails the submission in one line naming that job."""
+    bin_dir, calls = slurm_bin
+    cfg = write_sweep_config(tmp_path, hamlet_data, lr=[1.0e-3, -3.0e-3])
+    check = run_sweep_cli(str(cfg), "--check")
+    assert check.returncode == 1 and check.stdout == ""
+    assert check.stderr.strip() == "train.py: error: job 1 (lr=-0.003): config key 'lr' must not be negative, got -0.003"
+    result = subprocess.run(["bash", os.path.join(ROOT, "slurm.sh"), str(cfg)], cwd=tmp_path, capture_output=True,
+                            text=True, timeout=120, env=slurm_env(bin_dir))
+    assert result.returncode == 1 and result.stderr.strip() == check.stderr.strip()
+    assert calls_of(calls, "sbatch") == [] and not (tmp_path / "slurm_logs").exists()
+    good = write_sweep_config(tmp_path, hamlet_data)
+    assert run_sweep_cli(str(good), "--check").stdout == f"2 job(s) of {good}: every config is valid\n"
+
+
 def test_slurm_refuses_a_request_no_node_can_run_before_submitting(hamlet_data, slurm_bin, tmp_path):
     """GPUS_PER_NODE=0 alone is a CPU job with 2 cores; when SLURM answers --test-only with a
     refusal (here: nodes too small), slurm.sh says so in one line instead of submitting a job that
@@ -336,7 +352,7 @@ def test_slurm_refuses_a_request_no_node_can_run_before_submitting(hamlet_data, 
     assert "Requested node configuration is not available" in line
     (check,) = calls_of(calls, "sbatch")
     assert check["args"][0] == "--test-only" and "--cpus-per-task=2" in check["args"]
-    assert not any("gpu" in a for a in check["args"])
+    assert not any("gpu" in a for a in check["args"] if a.startswith("--"))  # options, not paths
     assert not (tmp_path / "slurm_logs").exists()
 
 

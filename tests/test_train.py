@@ -88,6 +88,20 @@ def test_activation_checkpointing_trains_exactly_the_same(straight_run, tmp_path
     assert_same_state(final_state(straight_run), final_state(str(tmp_path / "ac")))
 
 
+def test_warmup_as_a_fraction_resumes_a_run_that_gave_it_in_steps(straight_run, tmp_path):
+    """The shipped config now writes warmup_steps: 0.1; a run started with the same warmup as a count
+    (3 of 30 steps) still resumes, bit-exactly, from its checkpoint and config.yaml."""
+    run_dir = tmp_path / "fraction"
+    run_dir.mkdir()
+    for name in ("ckpt_0000010.pt", "config.yaml"):
+        shutil.copy(os.path.join(straight_run, name), run_dir)
+    data_dir = final_state(straight_run)["config"]["data_dir"]
+    assert run_train(tiny_args(data_dir, str(tmp_path), "fraction", warmup_steps=0.1)) == 0
+    assert_same_state(final_state(straight_run), final_state(str(run_dir)))
+    with pytest.raises(SystemExit, match="warmup_steps: 0.1 -> 0.2"):  # a real change is still refused
+        run_train(tiny_args(data_dir, str(tmp_path), "fraction", warmup_steps=0.2, steps=40))
+
+
 def test_sigterm_mid_run_then_resume_equals_straight_run(straight_run, tmp_path):
     data_dir = final_state(straight_run)["config"]["data_dir"]
     # Signal as soon as step 3 is logged; the run stops at the end of whatever step it is in.
@@ -214,6 +228,92 @@ def test_sampler_visits_every_window_once_per_epoch_and_resumes():
     assert list(again.next_ids(64)) == list(second)
 
 
+def test_prefetched_batches_are_the_samplers_and_its_state_is_the_steps_handed_out():
+    """Step N+1 is read ahead in a thread; the batches, their order and the state a checkpoint saves
+    (and resumes from) are exactly those of the sampler read step by step, across epochs."""
+    import numpy as np
+    seq_len, cfg, world = 10, {"batch_size": 8, "micro_batch_size": 2, "seq_len": 10}, 2
+    tokens = np.arange(1001, dtype=np.uint16)  # 100 windows: steps straddle epochs
+    for rank in range(world):
+        plain = train.Sampler(len(tokens), seq_len, seed=3)
+        loader = train.Prefetcher(tokens, train.Sampler(len(tokens), seq_len, seed=3), cfg, world, rank,
+                                  torch.device("cpu"), steps=30)
+        states = []
+        for step in range(30):
+            ids = train.deal(plain.next_ids(cfg["batch_size"]), world, rank, cfg["micro_batch_size"])
+            got = loader.next_step()
+            assert len(got) == len(ids) == 2
+            for (x, y), micro_ids in zip(got, ids):
+                expected_x, expected_y = train.get_windows(tokens, micro_ids, seq_len, torch.device("cpu"))
+                assert torch.equal(x, expected_x) and torch.equal(y, expected_y)
+            assert loader.state_dict() == plain.state_dict()  # not the position of the batch read ahead
+            states.append(loader.state_dict())
+        assert loader.ahead is None  # nothing read past the last step
+        loader.close()
+        # Resuming from the state after step 11 gives steps 12..: what a restart reads.
+        sampler = train.Sampler(len(tokens), seq_len, seed=3)
+        sampler.load_state_dict(states[10])
+        resumed = train.Prefetcher(tokens, sampler, cfg, world, rank, torch.device("cpu"), steps=1)
+        again = train.Sampler(len(tokens), seq_len, seed=3)
+        again.load_state_dict(states[10])
+        ids = train.deal(again.next_ids(cfg["batch_size"]), world, rank, cfg["micro_batch_size"])
+        assert torch.equal(resumed.next_step()[0][0], train.get_windows(tokens, ids[0], seq_len, torch.device("cpu"))[0])
+
+
+def test_single_process_stop_flag_is_the_signal_itself(monkeypatch):
+    monkeypatch.setitem(train.STOP_SIGNAL, "name", None)
+    stop = train.StopFlag(world=1)
+    assert not stop()
+    train.request_stop(signal.SIGUSR1, None)
+    assert stop()  # one process stops after the step it was signalled in
+
+
+@pytest.mark.parametrize("local_rank, n_gpus, torchrun_world, gpu", [
+    (0, 1, None, 0), (3, 1, None, 0),  # a single process; srun --gpus-per-task=1 (each task sees its own GPU)
+    (3, 8, 8, 3), (5, 8, None, 5),     # torchrun, or srun tasks that see the whole node
+    (1, 1, 2, None), (4, 4, 8, None), (8, 8, None, None),  # more processes than GPUs
+])
+def test_every_process_gets_a_gpu_of_its_own(local_rank, n_gpus, torchrun_world, gpu):
+    if gpu is not None:
+        assert train.gpu_of(local_rank, n_gpus, torchrun_world) == gpu
+    else:
+        with pytest.raises(SystemExit, match=r"processes on this node but only \d GPU\(s\) visible: start one process per GPU"):
+            train.gpu_of(local_rank, n_gpus, torchrun_world)
+
+
+@pytest.mark.parametrize("name, tflops", [
+    ("NVIDIA H100 80GB HBM3", 989), ("NVIDIA H100 PCIe", 756), ("NVIDIA H100 NVL", 835), ("NVIDIA H200", 989),
+    ("NVIDIA H200 NVL", 835), ("NVIDIA GB200", 2500), ("NVIDIA B200", 2250), ("NVIDIA H800", 989),
+    ("NVIDIA H800 PCIe", 756), ("NVIDIA A800-SXM4-80GB", 312), ("NVIDIA A100-SXM4-40GB", 312), ("Tesla T4", None)])
+def test_mfu_uses_the_datasheet_peak_of_the_exact_gpu(monkeypatch, name, tflops):
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: name)
+    peak = train.peak_flops(torch.device("cuda", 0), torch.bfloat16)
+    assert peak == (tflops * 1e12 if tflops else None)
+
+
+def test_ddp_gradients_stay_in_their_buckets_across_steps(tmp_path):
+    """gradient_as_bucket_view: the optimizer zeroes DDP's gradients in place, so every step's backward
+    writes into the same all-reduce buckets instead of allocating new gradients."""
+    import torch.distributed as dist
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/store", rank=0, world_size=1)
+    try:
+        cfg = train.load_config(None, ["--d_model=32", "--n_layers=1", "--n_heads=2", "--seq_len=8", "--batch_size=4",
+                                       "--micro_batch_size=2"])
+        cfg["parallelism"] = "ddp"
+        raw, model = train.build_model(cfg, 16, torch.device("cpu"), world=2, amp_dtype=None)  # world 2: DDP
+        optimizer = train.make_optimizer(raw, cfg)
+        scaler = torch.amp.GradScaler("cpu", enabled=False)
+        batch = [(torch.randint(0, 16, (2, 8)), torch.randint(0, 16, (2, 8)))] * 2  # 2 micro-batches
+        pointers = []
+        for _ in range(4):
+            train.train_step(model, raw, optimizer, scaler, batch, cfg, torch.device("cpu"), None)
+            pointers.append([p.grad.data_ptr() for p in raw.parameters()])
+            assert all(not p.grad.any() for p in raw.parameters())  # zeroed for the next step
+        assert pointers[1] == pointers[2] == pointers[3]  # (DDP rebuilds its buckets once, after the first step)
+    finally:
+        dist.destroy_process_group()
+
+
 # -----------------------------------------------------------------------------
 # Bad configs: one clear line, non-zero exit.
 
@@ -322,7 +422,8 @@ def test_end_of_training_sample_is_streamed(straight_run, monkeypatch, capsys):
 
     monkeypatch.setattr(sample, "generate_streaming", recording)
     ckpt = final_state(straight_run)
-    train.print_sample(sample.load_model(ckpt), ckpt["meta"], 25)
+    cfg = {**ckpt["config"], "sample_tokens": 25}
+    train.print_sample(sample.load_model(ckpt), ckpt["meta"], cfg, rank=0, world=1, device=torch.device("cpu"), amp_dtype=None)
     out = capsys.readouterr().out
     assert len(pieces) >= 25  # one write per token (char tokens are never held back)
     assert out == "---- sample ----\n" + "".join(pieces) + "\n----------------\n"
@@ -351,3 +452,9 @@ def test_readme_lists_every_config_key_and_ci_runs_its_test_command():
     with open(os.path.join(ROOT, ".ci", "run")) as f:
         ci_command = f.read().strip().splitlines()[-1]
     assert f"```bash\n{ci_command}\n```" in readme
+
+
+def test_fp16_with_fsdp_is_refused_before_anything_is_built():
+    cfg = train.load_config(None, ["--parallelism=fsdp", "--dtype=fp16"])
+    with pytest.raises(SystemExit, match="fp16 with FSDP is not supported"):
+        train.build_model(cfg, 65, torch.device("cpu"), world=2, amp_dtype=torch.float16)
