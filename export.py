@@ -17,6 +17,7 @@ import sys
 
 import torch
 
+import train
 from sample import load_checkpoint
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -112,7 +113,7 @@ def main(argv=None):
                     "(config.json, safetensors weights, GPT-2 tokenizer files for gpt2 runs). "
                     "qk_norm and relu2 models are refused: Llama cannot express them.")
     parser.add_argument("checkpoint", metavar="RUN_DIR_OR_CHECKPOINT",
-                        help="run folder (its newest readable ckpt_*.pt is used) or a checkpoint file")
+                        help="run folder (its newest readable checkpoint is used), a checkpoint file or a sharded checkpoint folder (ckpt_*.dcp)")
     parser.add_argument("out_dir", metavar="OUT_DIR", help="folder to write; must not exist yet or be empty")
     parser.add_argument("--dtype", choices=DTYPES, default="float32", help="dtype of the saved weights (default float32)")
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
@@ -120,7 +121,7 @@ def main(argv=None):
     path, ckpt = load_checkpoint(args.checkpoint, prog="export.py")
     dtype = DTYPES[args.dtype]
     config = hf_config(ckpt["model_config"], ckpt["meta"], dtype)
-    weights = hf_weights(ckpt["model"], ckpt["model_config"], dtype)
+    weights = hf_weights(train.model_weights(ckpt), ckpt["model_config"], dtype)
     if os.path.isdir(args.out_dir) and os.listdir(args.out_dir):
         fail(f"output folder '{args.out_dir}' is not empty: choose a new folder or empty it first")
     os.makedirs(args.out_dir, exist_ok=True)

@@ -181,10 +181,10 @@ def read_run(path):
         return None
     metrics_path = os.path.join(path, "metrics.jsonl")
     records = read_metrics(metrics_path)
-    ckpts = glob.glob(os.path.join(path, "ckpt_*.pt"))
-    ckpt_steps = sorted(int(m.group(1)) for m in (re.fullmatch(r"ckpt_(\d+)\.pt", os.path.basename(p)) for p in ckpts) if m)
+    ckpts = glob.glob(os.path.join(path, "ckpt_*.pt")) + glob.glob(os.path.join(path, "ckpt_*.dcp"))  # file or sharded folder
+    ckpt_steps = sorted(int(m.group(1)) for m in (re.fullmatch(r"ckpt_(\d+)\.(pt|dcp)", os.path.basename(p)) for p in ckpts) if m)
     mtime = 0.0
-    for p in [config_path, metrics_path] + ckpts + glob.glob(os.path.join(path, "ckpt_*.pt.tmp")):
+    for p in [config_path, metrics_path] + ckpts + glob.glob(os.path.join(path, "ckpt_*.tmp-*")):
         try:
             mtime = max(mtime, os.path.getmtime(p))
         except OSError:

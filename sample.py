@@ -34,7 +34,7 @@ def load_checkpoint(path, prog="sample.py"):
 
 def load_model(ckpt, device="cpu"):
     model = Transformer(ModelConfig(**ckpt["model_config"]))
-    model.load_state_dict(ckpt["model"])
+    model.load_state_dict(train.model_weights(ckpt))
     return model.to(device).eval()
 
 
@@ -78,7 +78,7 @@ def generate_streaming(model, tokenizer, ids, max_new_tokens, temperature, top_k
 def parse_args(argv):
     parser = argparse.ArgumentParser(description="Generate text from a trained plainLM model (streamed to stdout).")
     parser.add_argument("checkpoint", metavar="RUN_DIR_OR_CHECKPOINT",
-                        help="run folder (its newest readable ckpt_*.pt is used) or a checkpoint file")
+                        help="run folder (its newest readable checkpoint is used), a checkpoint file or a sharded checkpoint folder (ckpt_*.dcp)")
     source = parser.add_mutually_exclusive_group()
     source.add_argument("--prompt", default="", help="text to continue (default: start from the end-of-text token)")
     source.add_argument("--prompt_file", help="read the prompt from this file (UTF-8)")

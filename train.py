@@ -91,6 +91,8 @@ CONFIG = {
     "exp_name": (None, (str, type(None)), "run folder name (null: the config file's name)"),
     "save_every": (500, int, "checkpoint every this many steps (0: only at the end)"),
     "keep_last": (2, int, "checkpoints to keep in the run folder (older ones are removed)"),
+    "checkpoint_format": ("auto", str, "full: one file, gathered on rank 0 | sharded: a folder, each rank writes and "
+                                       "reads its own part | auto: sharded from 100M parameters on 2+ processes"),
     "resume": ("auto", str, "auto: continue from the newest good checkpoint in the run folder; never: refuse to reuse one"),
     "init_from": (None, (str, type(None)), "checkpoint (or run folder) to branch from into a new run, e.g. a WSD cooldown"),
     # system
@@ -108,11 +110,12 @@ DEFAULTS = {key: default for key, (default, _, _) in CONFIG.items()}
 CHOICES = {"scheduler": ("cosine", "wsd", "constant", "linear"),
            "cooldown_shape": ("linear", "1-sqrt"), "resume": ("auto", "never"), "device": ("auto", "cpu", "cuda"),
            "dtype": ("auto", "bf16", "fp16", "fp32"), "parallelism": ("ddp", "fsdp"),
-           "optimizer": ("adamw", "nadamw", "sgd", "signsgd", "sfadamw", "muon"), "muon_lr_adjust": LR_ADJUSTMENTS}
+           "optimizer": ("adamw", "nadamw", "sgd", "signsgd", "sfadamw", "muon"), "muon_lr_adjust": LR_ADJUSTMENTS,
+           "checkpoint_format": ("auto", "full", "sharded")}
 # Keys that may differ when a run is resumed: they do not change what is being trained
 # (out_dir and exp_name too, so a run folder can be moved or copied and still resume).
 RESUMABLE_CHANGES = {"out_dir", "exp_name", "steps", "eval_every", "eval_tokens", "log_every", "sample_tokens", "save_every", "keep_last",
-                     "resume", "init_from", "device", "compile", "activation_checkpointing", "fast_ops", "parallelism", "micro_batch_size", "wandb",
+                     "checkpoint_format", "resume", "init_from", "device", "compile", "activation_checkpointing", "fast_ops", "parallelism", "micro_batch_size", "wandb",
                      "wandb_project"}
 STOPPED_EXIT_CODE = 75  # "stopped early by a signal, checkpoint saved: run the same command again to continue"
 
@@ -673,19 +676,40 @@ def evaluate(model, tokens, cfg, device, amp_dtype, rank, world):
 
 
 # -----------------------------------------------------------------------------
-# Checkpoints: <run>/ckpt_<step>.pt, written to a temporary name, fsynced, then renamed, so a
-# file with the final name is always complete. Model and optimizer are saved whole (unsharded,
-# parameter names as keys), so a checkpoint loads with any number of ranks, DDP or FSDP.
-# A CRC32 of every tensor's bytes is saved with them: torch.load does not notice flipped bytes
-# inside tensor data, so without it silent corruption would be resumed from (or sampled) as if fine.
+# Checkpoints come in two formats, both keyed by parameter names, so either loads with any number of
+# ranks, DDP, FSDP or one process:
+#   full     <run>/ckpt_<step>.pt: one file. Rank 0 gathers every tensor into its CPU memory and writes
+#            it alone; on resume rank 0 reads it and broadcasts each tensor to the others.
+#   sharded  <run>/ckpt_<step>.dcp/: a folder. Every rank writes and reads its own part of the tensors
+#            (torch.distributed.checkpoint, which reshards on load), rank 0 adds plainlm.pt (the rest).
+# Both are written under a temporary name, fsynced, then renamed, so a name without .tmp is always
+# complete. A CRC32 of every tensor (full) or of every file (sharded) is saved with them: torch.load
+# does not notice flipped bytes inside tensor data, so silent corruption would be resumed from as if fine.
+SHARDED_FROM_PARAMS = 100_000_000  # auto: from GPT-2 small (124M parameters: 1.5 GB of fp32 weights and AdamW state) up
+
+
+def sharded_format(cfg, raw, world):
+    """Whether this run saves sharded checkpoints: for large models on several processes, where gathering
+    everything into rank 0's memory and writing it from there alone is what makes saving slow."""
+    fmt = cfg["checkpoint_format"]
+    return fmt == "sharded" or (fmt == "auto" and world > 1 and raw.num_params() >= SHARDED_FROM_PARAMS)
+
 
 class DamagedCheckpoint(Exception):
-    """The file itself is bad (empty, truncated, not a checkpoint, tensors that fail their checksum)."""
+    """The checkpoint itself is bad (empty, truncated, not a checkpoint, data that fails its checksum)."""
 
 
 def checkpoint_paths(run_dir):
-    """Complete-looking checkpoints, newest first."""
-    return sorted(glob.glob(os.path.join(run_dir, "ckpt_*.pt")), reverse=True)
+    """Complete-looking checkpoints (files and sharded folders), newest first."""
+    paths = glob.glob(os.path.join(run_dir, "ckpt_*.pt")) + glob.glob(os.path.join(run_dir, "ckpt_*.dcp"))
+    return sorted(paths, key=os.path.basename, reverse=True)
+
+
+def remove_checkpoint(path):
+    if os.path.isdir(path):
+        shutil.rmtree(path)
+    else:
+        os.remove(path)
 
 
 def tensors_of(state, name=""):
@@ -708,17 +732,30 @@ def tensor_checksum(state):
     return crc
 
 
+def file_crc32(path):
+    crc = 0
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 24):
+            crc = zlib.crc32(chunk, crc)
+    return crc
+
+
 def non_finite(model_state, optim_state):
-    """Names of the floating-point tensors to be saved that hold a NaN or an inf (aminmax: one fast pass)."""
-    return [name for name, t in tensors_of({"model": model_state, "optimizer": optim_state})
+    """Names of the floating-point tensors to be saved (this rank's part of them, if sharded) that hold a
+    NaN or an inf (aminmax: one fast pass)."""
+    local = ((name, t.to_local() if hasattr(t, "to_local") else t)
+             for name, t in tensors_of({"model": model_state, "optimizer": optim_state}))
+    return [name for name, t in local
             if t.is_floating_point() and t.numel() and not torch.isfinite(torch.stack(torch.aminmax(t))).all()]
 
 
 def save_checkpoint(run_dir, step, raw, optimizer, scaler, sampler, cfg, meta, rank, world, keep_last):
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
-    # Collective under FSDP: every rank takes part, rank 0 receives the full tensors.
-    model_state, optim_state = get_state_dict(raw, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    refuse_diverged_state(run_dir, step, model_state, optim_state, rank, world)
+    sharded = sharded_format(cfg, raw, world)
+    # Collective under FSDP. Full: rank 0 receives the whole tensors, in CPU memory. Sharded: each rank keeps its part.
+    model_state, optim_state = get_state_dict(raw, optimizer, options=StateDictOptions(full_state_dict=not sharded,
+                                                                                       cpu_offload=not sharded))
+    refuse_diverged_state(run_dir, step, model_state, optim_state, world)
     rng = {"torch": torch.get_rng_state(), "python": random.getstate(),
            "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None}
     rngs = [None] * world
@@ -726,16 +763,68 @@ def save_checkpoint(run_dir, step, raw, optimizer, scaler, sampler, cfg, meta, r
         dist.all_gather_object(rngs, rng)
     else:
         rngs = [rng]
-    if rank == 0:
-        state = {"model": model_state, "optimizer": optim_state, "scaler": scaler.state_dict(), "sampler": sampler.state_dict(),
-                 "step": step, "rng": rngs, "config": cfg, "model_config": dataclasses.asdict(raw.cfg), "meta": meta}
+    state = {"scaler": scaler.state_dict(), "sampler": sampler.state_dict(), "step": step, "rng": rngs, "config": cfg,
+             "model_config": dataclasses.asdict(raw.cfg), "meta": meta}
+    if sharded:
+        write_sharded_checkpoint(state, {"model": model_state, "optimizer": optim_state},
+                                 os.path.join(run_dir, f"ckpt_{step:07d}.dcp"), rank, world)
+    elif rank == 0:
+        state.update(model=model_state, optimizer=optim_state)
         state["checksum"] = {"crc32": tensor_checksum(state)}
         check_run_lock(run_dir)  # a trainer that lost the run folder to another one must not write into it
         write_checkpoint(state, os.path.join(run_dir, f"ckpt_{step:07d}.pt"))
+    if rank == 0:
         for old in checkpoint_paths(run_dir)[keep_last:]:
-            os.remove(old)
+            remove_checkpoint(old)
     if world > 1:
         dist.barrier()
+
+
+@contextlib.contextmanager
+def one_process_is_fine():
+    """torch.distributed.checkpoint warns at every save and load without a process group, which is fine here."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
+        yield
+
+
+def write_sharded_checkpoint(state, tensors, path, rank, world):
+    """Every rank writes its part of the tensors into one temporary folder (fsynced) and the CRC32s of its
+    files; rank 0 adds plainlm.pt (the rest of the state, and those CRC32s) and renames the folder."""
+    import torch.distributed.checkpoint as dcp
+    tmp = [f"{path}.tmp-{os.getpid()}@{socket.gethostname()}"]
+    if world > 1:
+        dist.broadcast_object_list(tmp, src=0)  # rank 0's name, for all
+    tmp = tmp[0]
+    try:
+        with one_process_is_fine():
+            dcp.save(tensors, storage_writer=dcp.FileSystemWriter(tmp, sync_files=True), no_dist=world == 1)  # collective
+        mine = {name: file_crc32(os.path.join(tmp, name)) for name in os.listdir(tmp) if name.startswith(f"__{rank}_")}
+        error = None
+    except (Exception, dcp.api.CheckpointException) as e:  # a failed write on any rank fails dcp.save on all
+        mine, error = {}, (disk_error(os.path.dirname(path)) or first_line(e))
+    results = [(mine, error)] * world
+    if world > 1:
+        dist.all_gather_object(results, (mine, error))
+    error = next((e for _, e in results if e), None)
+    if error is None and rank == 0:
+        check_run_lock(os.path.dirname(path))
+        state["files_crc32"] = {name: crc for crcs, _ in results for name, crc in crcs.items()}
+        state["files_crc32"][".metadata"] = file_crc32(os.path.join(tmp, ".metadata"))
+        state["checksum"] = {"crc32": tensor_checksum(state)}
+        write_checkpoint(state, os.path.join(tmp, "plainlm.pt"))
+        try:
+            if os.path.exists(path):  # the same step saved by an earlier try of this run
+                remove_checkpoint(path)
+            os.replace(tmp, path)
+            fsync_dir(os.path.dirname(path))
+        except OSError as e:
+            error = e.strerror
+    if error:
+        if rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+        fail(f"cannot write checkpoint '{path}' ({error}): free space or fix the filesystem, then run the same "
+             f"command again; it continues from the newest checkpoint there")
 
 
 def write_checkpoint(state, path):
@@ -750,11 +839,11 @@ def write_checkpoint(state, path):
         os.replace(tmp, path)
         fsync_dir(os.path.dirname(path))
     except (OSError, RuntimeError) as e:  # torch.save reports a failed write as a RuntimeError
+        cause = e if isinstance(e, OSError) else e.__context__  # the OSError it was raised while handling, if any
+        reason = (cause.strerror if isinstance(cause, OSError) and cause.strerror else
+                  disk_error(os.path.dirname(path)) or first_line(e))  # before the partial file is removed
         with contextlib.suppress(OSError):
             os.remove(tmp)
-        reason = e.strerror if isinstance(e, OSError) else first_line(e)
-        if isinstance(e, RuntimeError) and "file write failed" in reason:
-            reason = disk_error(os.path.dirname(path)) or reason
         fail(f"cannot write checkpoint '{path}' ({reason}): free space or fix the filesystem, then run the same "
              f"command again; it continues from the newest checkpoint there")
 
@@ -767,14 +856,14 @@ def disk_error(folder):
     return None
 
 
-def refuse_diverged_state(run_dir, step, model_state, optim_state, rank, world):
+def refuse_diverged_state(run_dir, step, model_state, optim_state, world):
     """Never save NaN/inf weights or optimizer state: the last checkpoint must stay a good one. A step
     whose gradient was NaN can still log a finite loss (it was computed before the update)."""
-    bad = non_finite(model_state, optim_state) if rank == 0 else None
+    bad = non_finite(model_state, optim_state)  # every rank checks what it holds (rank 0 alone, if full)
     if world > 1:
-        flag = [bad]
-        dist.broadcast_object_list(flag, src=0)  # every rank stops at the same step
-        bad = flag[0]
+        found = [None] * world
+        dist.all_gather_object(found, bad)  # every rank stops at the same step
+        bad = list(dict.fromkeys(name for names in found for name in names))
     if bad:
         good = checkpoint_paths(run_dir)
         way = (f"continue from the last good checkpoint with a lower lr in a new run folder: "
@@ -797,8 +886,21 @@ def first_line(error):
 
 
 def read_checkpoint(path):
-    """The checkpoint dict in a file. DamagedCheckpoint when the file is bad; OSError when it cannot be
-    read (permission denied, an I/O error): then the file may be fine, and nobody should skip it."""
+    """The checkpoint dict in a file; of a sharded folder, plainlm.pt (all but the tensors), with "sharded"
+    set to the folder, after every file there was checked against its CRC32. DamagedCheckpoint when the
+    checkpoint is bad; OSError when it cannot be read (permission denied, an I/O error): then it may be
+    fine, and nobody should skip it."""
+    if os.path.isdir(path):
+        header = os.path.join(path, "plainlm.pt")
+        if not os.path.isfile(header):
+            raise DamagedCheckpoint("no plainlm.pt in the folder")
+        ckpt = read_checkpoint(header)
+        for name, crc in ckpt.get("files_crc32", {}).items():
+            if not os.path.isfile(os.path.join(path, name)):
+                raise DamagedCheckpoint(f"its file {name} is missing")
+            if file_crc32(os.path.join(path, name)) != crc:
+                raise DamagedCheckpoint(f"its file {name} does not match its checksum")
+        return {**ckpt, "sharded": path}
     with open(path, "rb") as f:
         if os.fstat(f.fileno()).st_size == 0:
             raise DamagedCheckpoint("empty file")
@@ -812,6 +914,20 @@ def read_checkpoint(path):
         if tensor_checksum(ckpt) != ckpt["checksum"].get("crc32"):
             raise DamagedCheckpoint("tensor data does not match its checksum")
     return ckpt
+
+
+def model_weights(ckpt):
+    """The model's whole state dict: what a full checkpoint holds; from a sharded one, read in this one
+    process (the model's tensors only, not the optimizer's)."""
+    if "sharded" not in ckpt:
+        return ckpt["model"]
+    import torch.distributed.checkpoint as dcp
+    with torch.device("meta"):  # names, shapes and dtypes only
+        layout = Transformer(ModelConfig(**ckpt["model_config"])).state_dict()
+    state = {"model": {name: torch.empty(t.shape, dtype=t.dtype) for name, t in layout.items()}}
+    with one_process_is_fine():
+        dcp.load(state, checkpoint_id=ckpt["sharded"], no_dist=True)
+    return state["model"]
 
 
 def load_newest_checkpoint(paths, log):
@@ -835,20 +951,21 @@ def load_newest_checkpoint(paths, log):
 
 
 def find_checkpoint(path, log):
-    """(file, checkpoint) for a checkpoint file, or the newest readable one of a run folder: what
-    init_from, sample.py and export.py accept. ValueError with a one-line reason when there is none."""
-    if os.path.isdir(path):
+    """(path, checkpoint) for a checkpoint (file or sharded folder), or the newest readable one of a run
+    folder: what init_from, sample.py and export.py accept. ValueError with a one-line reason when there is none."""
+    if os.path.isfile(path) or (os.path.isdir(path) and path.rstrip("/").endswith(".dcp")):
+        paths = [path.rstrip("/")]
+    elif os.path.isdir(path):
         paths = checkpoint_paths(path)
         if not paths:
-            raise ValueError(f"run folder '{path}' has no checkpoints (ckpt_*.pt): train it first or pass a checkpoint file")
-    elif os.path.isfile(path):
-        paths = [path]
+            raise ValueError(f"run folder '{path}' has no checkpoints (ckpt_*.pt or ckpt_*.dcp): train it first or "
+                             f"pass a checkpoint")
     else:
-        raise ValueError(f"'{path}' is neither a run folder nor a checkpoint file")
+        raise ValueError(f"'{path}' is neither a run folder nor a checkpoint")
     found, ckpt, _ = load_newest_checkpoint(paths, log)
     if ckpt is None:
         raise ValueError(f"no readable checkpoint in '{path}'")
-    if not isinstance(ckpt, dict) or not {"model", "model_config", "meta"} <= set(ckpt):
+    if not isinstance(ckpt, dict) or not {"model_config", "meta"} <= set(ckpt) or not {"model", "sharded"} & set(ckpt):
         raise ValueError(f"'{found}' is not a plainLM checkpoint (it needs the keys model, model_config and meta)")
     return found, ckpt
 
@@ -909,15 +1026,28 @@ def short(value):
     return text if len(text) <= 40 else text[:37] + "..."
 
 
-def restore(ckpt, raw, optimizer, scaler, sampler, rank):
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+def restore(ckpt, raw, optimizer, scaler, sampler, rank, world):
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_state_dict, set_model_state_dict,
+                                                         set_optimizer_state_dict, set_state_dict)
     if callable(getattr(optimizer, "train", None)):
-        # Schedule-free: set_state_dict creates the optimizer state with a step at lr 0, which it allows in
+        # Schedule-free: the state dict functions create the optimizer state with a step at lr 0, which it allows in
         # train mode only; train() leaves empty per-parameter entries that would hide that the state is missing.
         optimizer.train()
         optimizer.state.clear()
-    set_state_dict(raw, optimizer, model_state_dict=ckpt["model"], optim_state_dict=ckpt["optimizer"],
-                   options=StateDictOptions(full_state_dict=True))
+    if "sharded" in ckpt:
+        import torch.distributed.checkpoint as dcp
+        # This run's own layout (DTensor shards under FSDP, whole tensors otherwise), filled from the folder:
+        # each rank reads what it needs, whatever the number of ranks and the parallelism that saved it.
+        model_state, optim_state = get_state_dict(raw, optimizer)
+        state = {"model": model_state, "optimizer": optim_state}
+        with one_process_is_fine():
+            dcp.load(state, checkpoint_id=ckpt["sharded"], no_dist=world == 1)
+        set_state_dict(raw, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
+    else:  # rank 0 read the file; the others (with empty dicts) receive every tensor from it
+        # (model and optimizer in two calls: set_state_dict skips the model on ranks whose model dict is empty)
+        options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=world > 1)
+        set_model_state_dict(raw, ckpt["model"], options=options)
+        set_optimizer_state_dict(raw, optimizer, ckpt["optimizer"], options=options)
     training_mode(optimizer)  # the checkpoint holds the averaged weights: back to the point it trains at
     scaler.load_state_dict(ckpt["scaler"])
     sampler.load_state_dict(ckpt["sampler"])
@@ -1039,8 +1169,8 @@ def acquire_run_lock(run_dir, log):
     stop = threading.Event()
     threading.Thread(target=refresh_lock, args=(path, me["token"], stop), daemon=True).start()
     RUN_LOCK.update(path=path, token=me["token"], stop=stop)
-    for tmp in glob.glob(os.path.join(run_dir, "ckpt_*.pt.tmp*")):  # from a trainer killed while saving
-        os.remove(tmp)
+    for tmp in glob.glob(os.path.join(run_dir, "ckpt_*.tmp-*")):  # from a trainer killed while saving
+        remove_checkpoint(tmp)
         log(f"removed an unfinished checkpoint of a stopped trainer: {tmp}")
 
 
@@ -1378,7 +1508,44 @@ def mean_loss(loss_sum, first, step, world):
 
 def resume_or_branch(cfg, meta, run_dir, raw, optimizer, scaler, sampler, rank, world, device, log):
     """Continue this run from its newest good checkpoint; else branch from init_from; else start fresh.
-    Then record the config in config.yaml. Returns the number of steps already trained."""
+    Rank 0 reads the run folder and the checkpoint, and the other ranks take what it found (a full
+    checkpoint's tensors by broadcast), so they cannot start over next to a resumed rank 0; only a sharded
+    checkpoint must be on a filesystem every node reads. Then record the config in config.yaml. Returns
+    the number of steps already trained."""
+    found = [None]
+    if rank == 0:
+        try:
+            path, ckpt, damaged, how = choose_start(cfg, meta, run_dir, raw, log)
+            found = [(path, ckpt and {k: v for k, v in ckpt.items() if k not in ("model", "optimizer")}, how, None)]
+        except SystemExit as e:
+            found = [(None, None, None, str(e))]
+    if world > 1:
+        dist.broadcast_object_list(found, src=0)
+    if found[0][3]:
+        raise SystemExit(found[0][3])  # on every rank
+    if rank != 0:
+        path, ckpt, how, _ = found[0]
+        ckpt = ckpt and {**ckpt, "model": {}, "optimizer": {}}
+    if ckpt is not None and "sharded" in ckpt and world > 1:
+        seen = torch.tensor([float(os.path.isfile(os.path.join(ckpt["sharded"], ".metadata")))], device=device)
+        dist.all_reduce(seen, op=dist.ReduceOp.MIN)
+        if not seen.item():
+            fail(f"some processes cannot see the sharded checkpoint {path}: put out_dir on a filesystem that every "
+                 f"node can read")
+    start_step = 0
+    if ckpt is not None:
+        restore(ckpt, raw, optimizer, scaler, sampler, rank, world)
+        start_step = ckpt["step"]
+        log(f"{how} from {path} at step {start_step}")
+    if rank == 0:
+        set_aside_damaged(damaged, path, log)
+        write_run_config(cfg, run_dir)
+    return start_step
+
+
+def choose_start(cfg, meta, run_dir, raw, log):
+    """(path, checkpoint, damaged newer checkpoints, "resumed" or "branched") to start from, checked
+    against this run; the checkpoint is None for a fresh start."""
     path, ckpt, damaged = checkpoint_to_resume(run_dir, log) if cfg["resume"] == "auto" else (None, None, [])
     how = "resumed"
     if ckpt is not None:
@@ -1392,23 +1559,9 @@ def resume_or_branch(cfg, meta, run_dir, raw, optimizer, scaler, sampler, rank, 
         if ckpt["config"].get("optimizer", "adamw") != cfg["optimizer"]:
             fail(f"init_from: {path} was trained with optimizer '{ckpt['config'].get('optimizer', 'adamw')}', this run uses "
                  f"'{cfg['optimizer']}': its optimizer state does not carry over; branch with the same optimizer")
-    start_step = 0
-    if ckpt is not None:
-        if ckpt["model_config"] != dataclasses.asdict(raw.cfg):
-            fail(f"checkpoint {path} holds a different model shape than this config: {ckpt['model_config']}")
-        restore(ckpt, raw, optimizer, scaler, sampler, rank)
-        start_step = ckpt["step"]
-        log(f"{how} from {path} at step {start_step}")
-    if world > 1:  # every rank reads the run folder itself: on several nodes it must be on a shared filesystem
-        steps = torch.tensor([start_step, -start_step], device=device)
-        dist.all_reduce(steps, op=dist.ReduceOp.MAX)
-        if steps[0] != -steps[1]:
-            fail(f"the processes found different checkpoints in '{run_dir}' (steps {-steps[1].item()} to "
-                 f"{steps[0].item()}): put out_dir on a filesystem that every node can read")
-    if rank == 0:  # after every rank has read the folder
-        set_aside_damaged(damaged, path, log)
-        write_run_config(cfg, run_dir)
-    return start_step
+    if ckpt is not None and ckpt["model_config"] != dataclasses.asdict(raw.cfg):
+        fail(f"checkpoint {path} holds a different model shape than this config: {ckpt['model_config']}")
+    return path, ckpt, damaged, how
 
 
 def print_sample(raw, meta, cfg, rank, world, device, amp_dtype):

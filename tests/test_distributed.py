@@ -4,7 +4,7 @@ checkpoints resume bit-exactly on 2 ranks and closely on 1.
 
 The runs are tiny and shared by the tests (a module fixture): straight runs (1 process, 2-rank
 DDP, 2-rank FSDP, FSDP compiled, bf16 DDP and FSDP), then three resumed from their middle
-checkpoints, one 2-rank run whose rank 1 cannot see the run folder's checkpoint, one whose rank 1
+checkpoints, three from a sharded one, two 2-rank runs whose rank 1 cannot see the run folder, one whose rank 1
 alone is signalled, the memory savers, FSDP's meta-device build, and Muon and schedule-free AdamW
 on 1 process and 2 DDP ranks. Each wave's runs go in parallel.
 """
@@ -53,12 +53,26 @@ def finish(procs, failing=()):
     return outputs
 
 
-# train.py as on a node that cannot see the run folder: rank 1 finds no checkpoint in it.
+# train.py whose rank 1 must not read the run folder (a node that cannot see it): rank 0 reads a full
+# checkpoint and broadcasts it.
 RANK1_BLIND = """import os, sys
 sys.path.insert(0, os.getcwd())  # launched from the repo root
 import train
-real = train.checkpoint_paths
-train.checkpoint_paths = lambda run_dir: [] if os.environ["RANK"] == "1" else real(run_dir)
+if os.environ["RANK"] == "1":
+    def blind(*args):
+        raise AssertionError("rank 1 read the run folder")
+    train.checkpoint_paths = train.read_checkpoint = blind
+sys.exit(train.main())
+"""
+
+
+# train.py on a node that cannot see the run folder, resuming a sharded checkpoint (which every rank reads).
+RANK1_BLIND_SHARDED = """import os, sys
+sys.path.insert(0, os.getcwd())  # launched from the repo root
+import train
+if os.environ["RANK"] == "1":
+    real = os.path.isfile
+    os.path.isfile = lambda path: False if ".dcp" in str(path) else real(path)
 sys.exit(train.main())
 """
 
@@ -147,7 +161,8 @@ def runs(tmp_path_factory):
     write_char_data(data, open(os.__file__).read(), train_tokens=64 * SEQ_LEN + 1, val_tokens=500)
     common = [f"--data_dir={data}", f"--out_dir={base}", *TINY]
     straight = {"single": (1, []), "ddp": (2, []), "fsdp": (2, ["--parallelism=fsdp"]),
-                "fsdp_compile": (2, ["--parallelism=fsdp", "--compile=true"])}
+                "fsdp_compile": (2, ["--parallelism=fsdp", "--compile=true"]),
+                "fsdp_sharded": (2, ["--parallelism=fsdp", "--checkpoint_format=sharded"])}
     procs = {name: launch(n, [*common, f"--exp_name={name}", *extra]) for name, (n, extra) in straight.items()}
     (base / "block_inputs.py").write_text(BLOCK_INPUTS)
     for mode in ("ddp", "fsdp"):  # bf16 autocast on CPU; FSDP then all-gathers bf16 weights
@@ -158,12 +173,18 @@ def runs(tmp_path_factory):
     # and 1 process from the 2-rank FSDP checkpoint.
     resumed = {"ddp_resumed": ("ddp", 2, []), "fsdp_resumed": ("fsdp", 2, ["--parallelism=fsdp"]),
                "single_from_fsdp": ("fsdp", 1, [])}
-    for name, (source, _, _) in {**resumed, "blind": ("ddp", 2, [])}.items():
+    # From the 2-rank FSDP run's sharded checkpoint: 2 FSDP ranks (sharded again), 1 process, 2 DDP ranks (full).
+    resumed.update({"fsdp_sharded_resumed": ("fsdp_sharded", 2, ["--parallelism=fsdp", "--checkpoint_format=sharded"]),
+                    "single_from_sharded": ("fsdp_sharded", 1, []), "ddp_from_sharded": ("fsdp_sharded", 2, [])})
+    for name, (source, _, _) in {**resumed, "blind": ("ddp", 2, []), "blind_sharded": ("fsdp_sharded", 2, [])}.items():
         os.makedirs(base / name)
-        shutil.copy(checkpoint(base / source, STEPS // 2), base / name)
+        middle = checkpoint(base / source, STEPS // 2, sharded=source.endswith("sharded"))
+        (shutil.copytree if os.path.isdir(middle) else shutil.copy)(middle, base / name / os.path.basename(middle))
     procs = {name: launch(n, [*common, f"--exp_name={name}", *extra]) for name, (_, n, extra) in resumed.items()}
     (base / "rank1_blind.py").write_text(RANK1_BLIND)
     procs["blind"] = launch(2, [*common, "--exp_name=blind"], script=str(base / "rank1_blind.py"))
+    (base / "rank1_blind_sharded.py").write_text(RANK1_BLIND_SHARDED)
+    procs["blind_sharded"] = launch(2, [*common, "--exp_name=blind_sharded"], script=str(base / "rank1_blind_sharded.py"))
     # The memory savers: activation checkpointing and the chunked loss, under DDP and FSDP2.
     (base / "chunked_loss.py").write_text(CHUNKED_LOSS)
     for mode in ("ddp", "fsdp"):
@@ -177,16 +198,20 @@ def runs(tmp_path_factory):
     procs["signal_rank1"] = launch(2, [*common, "--exp_name=signal_rank1"], script=str(base / "signal_rank1.py"))
     (base / "meta_init.py").write_text(META_INIT)
     procs["meta_init"] = launch(2, [], script=str(base / "meta_init.py"))
-    logs.update(finish(procs, failing=["blind", "signal_rank1"]))
+    logs.update(finish(procs, failing=["blind_sharded", "signal_rank1"]))
     return {"dir": base, "logs": logs}
 
 
-def checkpoint(run_dir, step):
-    return os.path.join(run_dir, f"ckpt_{step:07d}.pt")
+def checkpoint(run_dir, step, sharded=False):
+    return os.path.join(run_dir, f"ckpt_{step:07d}.{'dcp' if sharded else 'pt'}")
 
 
 def load(runs, name, step=STEPS):
     return torch.load(checkpoint(runs["dir"] / name, step), map_location="cpu", weights_only=False)
+
+
+def sharded_weights(runs, name, step=STEPS):
+    return train.model_weights(train.read_checkpoint(checkpoint(runs["dir"] / name, step, sharded=True)))
 
 
 def metrics(runs, name):
@@ -313,13 +338,39 @@ def test_distributed_eval_equals_single_process_eval(runs, mode):
     assert abs(logged[-1] - expected) / expected < 1e-6, (logged[-1], expected)
 
 
-def test_ranks_that_see_different_checkpoints_stop_with_a_clear_error(runs):
-    # Without this check rank 1 would silently train from scratch next to a resumed rank 0.
+def test_only_rank_0_reads_a_full_checkpoint_and_the_others_receive_it(runs):
+    # Rank 1 cannot read the run folder at all, yet resumes exactly like the 2-rank DDP resume.
     log = runs["logs"]["blind"]
-    assert "train.py: error: the processes found different checkpoints" in log
+    assert f"resumed from" in log and f"at step {STEPS // 2}" in log and "rank 1 read the run folder" not in log
+    assert train_losses(runs, "blind") == train_losses(runs, "ddp_resumed")
+    for key, value in load(runs, "ddp_resumed")["model"].items():
+        assert torch.equal(load(runs, "blind")["model"][key], value), key
+
+
+def test_sharded_checkpoints_resume_exactly_and_reshard_to_one_process_and_ddp(runs):
+    """2 FSDP ranks save sharded folders (each rank its part); they resume bit-exactly on 2 FSDP ranks, and
+    closely in 1 process and on 2 DDP ranks (which then save full files: auto)."""
+    files = sorted(os.listdir(runs["dir"] / "fsdp_sharded" / "ckpt_0000012.dcp"))
+    assert files == [".metadata", "__0_0.distcp", "__1_0.distcp", "plainlm.pt"]  # both ranks wrote
+    assert_losses_close(train_losses(runs, "fsdp_sharded"), train_losses(runs, "single"))
+    assert_state_close(sharded_weights(runs, "fsdp_sharded"), load(runs, "single")["model"])
+    assert train_losses(runs, "fsdp_sharded_resumed") == \
+        {s: l for s, l in train_losses(runs, "fsdp_sharded").items() if s > STEPS // 2}
+    ours, reference = sharded_weights(runs, "fsdp_sharded_resumed"), sharded_weights(runs, "fsdp_sharded")
+    assert all(torch.equal(ours[key], value) for key, value in reference.items())
+    for name, reference in (("single_from_sharded", "single"), ("ddp_from_sharded", "ddp")):
+        assert f"ckpt_0000006.dcp at step {STEPS // 2}" in runs["logs"][name]
+        assert_losses_close(train_losses(runs, name), train_losses(runs, reference))
+        assert_state_close(load(runs, name)["model"], load(runs, reference)["model"])
+
+
+def test_ranks_that_cannot_see_a_sharded_checkpoint_stop_with_a_clear_error(runs):
+    # Without this check rank 1 would fail inside torch.distributed.checkpoint with a stack of tracebacks.
+    log = runs["logs"]["blind_sharded"]
+    assert "train.py: error: some processes cannot see the sharded checkpoint" in log
     assert "put out_dir on a filesystem that every node can read" in log
-    files = os.listdir(runs["dir"] / "blind")
-    assert "metrics.jsonl" not in files and [f for f in files if f.startswith("ckpt_")] == ["ckpt_0000006.pt"]
+    files = os.listdir(runs["dir"] / "blind_sharded")
+    assert "metrics.jsonl" not in files and [f for f in files if f.startswith("ckpt_")] == ["ckpt_0000006.dcp"]
 
 
 def test_fsdp_is_built_on_the_meta_device_and_starts_from_the_one_process_weights(runs):

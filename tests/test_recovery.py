@@ -350,3 +350,73 @@ def test_prompt_file_that_is_not_text(trained, tmp_path, content, message):
     (tmp_path / "prompt").write_bytes(content)
     with pytest.raises(SystemExit, match=r"sample.py: error: prompt file '.*prompt' " + re.escape(message)):
         sample.main([trained, "--prompt_file", str(tmp_path / "prompt")])
+
+
+# Sharded checkpoints (checkpoint_format: sharded): a folder written with torch.distributed.checkpoint.
+# The 2-rank cases (FSDP <-> DDP <-> one process) are in test_distributed.py.
+
+def test_sharded_checkpoints_resume_exactly_in_either_direction_and_serve_sample_and_export(data, tmp_path, capsys):
+    import export
+    out = str(tmp_path)
+    assert train.main(args(data, out, "full", steps=8)) == 0
+    assert train.main(args(data, out, "sharded", steps=8, checkpoint_format="sharded", keep_last=3)) == 0
+    assert [n for n in names(tmp_path / "sharded") if n.startswith("ckpt_")] == \
+        ["ckpt_0000004.dcp", "ckpt_0000006.dcp", "ckpt_0000008.dcp"]  # keep_last counts folders too
+    assert {".metadata", "__0_0.distcp", "plainlm.pt"} == set(os.listdir(tmp_path / "sharded" / "ckpt_0000008.dcp"))
+    # The format may change on resume: from the middle sharded checkpoint on in full files, and back.
+    for run, source, fmt in (("from_sharded", "sharded/ckpt_0000004.dcp", "full"), ("to_sharded", "full/ckpt_0000004.pt", "sharded")):
+        os.makedirs(tmp_path / run)
+        (shutil.copytree if fmt == "full" else shutil.copy)(tmp_path / source, tmp_path / run / os.path.basename(source))
+        capsys.readouterr()
+        assert train.main(args(data, out, run, steps=8, checkpoint_format=fmt)) == 0
+        assert f"resumed from {tmp_path / run / os.path.basename(source)} at step 4" in capsys.readouterr().out
+    full = torch.load(tmp_path / "full" / "ckpt_0000008.pt", weights_only=True)
+    ours = torch.load(tmp_path / "from_sharded" / "ckpt_0000008.pt", weights_only=True)
+    for key, value in full["model"].items():
+        assert torch.equal(ours["model"][key], value), key
+    for key, state in full["optimizer"]["state"].items():
+        assert all(torch.equal(ours["optimizer"]["state"][key][k], v) for k, v in state.items()), key
+    for run in ("sharded", "to_sharded"):  # model_weights reads a sharded folder's model (as sample.py / export.py do)
+        sharded = train.read_checkpoint(str(tmp_path / run / "ckpt_0000008.dcp"))
+        assert "model" not in sharded and "optimizer" not in sharded  # plainlm.pt holds none of the big tensors
+        weights = train.model_weights(sharded)
+        assert weights.keys() == full["model"].keys() and all(torch.equal(weights[k], v) for k, v in full["model"].items())
+    assert sample.main([str(tmp_path / "sharded" / "ckpt_0000008.dcp"), "--max_new_tokens", "5"]) == 0
+    assert export.main([str(tmp_path / "sharded"), str(tmp_path / "hf")]) == 0  # its newest checkpoint: the folder
+    assert "model.safetensors" in os.listdir(tmp_path / "hf")
+
+
+def test_damaged_sharded_checkpoint_is_skipped_and_set_aside(data, tmp_path, capsys):
+    run = str(tmp_path / "run")
+    assert train.main(args(data, str(tmp_path), checkpoint_format="sharded")) == 0
+    shard = next(n for n in os.listdir(os.path.join(run, "ckpt_0000004.dcp")) if n.endswith(".distcp"))
+    flip_middle(os.path.join(run, "ckpt_0000004.dcp", shard))  # silent corruption of tensor data
+    capsys.readouterr()
+    assert train.main(args(data, str(tmp_path), steps=6, checkpoint_format="sharded")) == 0
+    out = capsys.readouterr().out
+    assert f"skipping unreadable checkpoint {run}/ckpt_0000004.dcp (its file {shard} does not match its checksum)" in out
+    assert "ckpt_0000002.dcp at step 2" in out
+    assert [n for n in names(run) if n.startswith("ckpt_")] == \
+        ["ckpt_0000002.dcp", "ckpt_0000004.dcp", "ckpt_0000004.dcp.damaged", "ckpt_0000006.dcp"]
+    # A folder that lost its plainlm.pt (or a file) is damaged too, and never read as a run folder.
+    os.remove(os.path.join(run, "ckpt_0000006.dcp", "plainlm.pt"))
+    with pytest.raises(train.DamagedCheckpoint, match="no plainlm.pt"):
+        train.read_checkpoint(os.path.join(run, "ckpt_0000006.dcp"))
+    assert train.find_checkpoint(run, print)[0].endswith("ckpt_0000004.dcp")
+
+
+def test_unfinished_sharded_checkpoint_of_a_killed_trainer_is_removed(data, tmp_path, capsys):
+    leftover = tmp_path / "run" / "ckpt_0000002.dcp.tmp-123@elsewhere"
+    os.makedirs(leftover)
+    (leftover / "__0_0.distcp").write_bytes(b"half")
+    assert train.main(args(data, str(tmp_path), checkpoint_format="sharded")) == 0
+    assert f"removed an unfinished checkpoint of a stopped trainer: {leftover}" in capsys.readouterr().out
+    assert [n for n in names(tmp_path / "run") if n.startswith("ckpt_")] == ["ckpt_0000002.dcp", "ckpt_0000004.dcp"]
+
+
+@pytest.mark.parametrize("fmt, world, params, sharded", [
+    ("auto", 1, 10**9, False), ("auto", 8, 10**8 - 1, False), ("auto", 2, 10**8, True),
+    ("full", 8, 10**9, False), ("sharded", 1, 10**3, True)])
+def test_checkpoint_format_auto_shards_large_models_on_several_processes(fmt, world, params, sharded):
+    raw = type("Model", (), {"num_params": lambda self: params})()
+    assert train.sharded_format({"checkpoint_format": fmt}, raw, world) == sharded

@@ -93,7 +93,7 @@ def test_unreadable_newest_checkpoint_is_skipped(run_dir, tmp_path, capsys):
 
 
 @pytest.mark.parametrize("args, message", [
-    (["/no/such/run"], "neither a run folder nor a checkpoint file"),
+    (["/no/such/run"], "neither a run folder nor a checkpoint"),
     (["{empty}"], "has no checkpoints"),
     (["{run}", "--prompt", "HAMLET€ ✓"], "not in this model's char vocabulary: '€✓'"),
     (["{run}", "--prompt_file", "/no/such/prompt.txt"], "prompt file '/no/such/prompt.txt' not found"),
