@@ -545,7 +545,8 @@ def sync_free_training(data, out_dir):
 
 
 def resume_on_gpu(data, out_dir):
-    """SIGTERM during a run, resume, and compare with a run never stopped: weights equal bit for bit."""
+    """SIGTERM during a run, resume, and compare with a run never stopped: weights equal bit for bit. The
+    stopped run saves sharded checkpoints (torch.distributed.checkpoint from CUDA tensors), the other full ones."""
     import signal
     here = os.path.dirname(os.path.abspath(__file__))
     base = [sys.executable, os.path.join(here, "train.py"), "configs/gpt2_small.yaml", f"--data_dir={data}",
@@ -553,17 +554,18 @@ def resume_on_gpu(data, out_dir):
             "--micro_batch_size=8", "--warmup_steps=5", "--log_every=1", "--eval_every=20", "--eval_tokens=65536",
             "--save_every=20", "--compile=false", "--sample_tokens=20"]
     straight = subprocess.run(base + ["--exp_name=straight"], cwd=here, capture_output=True, text=True)
-    proc = subprocess.Popen(base + ["--exp_name=stopped"], cwd=here, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    base_stopped = base + ["--exp_name=stopped", "--checkpoint_format=sharded"]
+    proc = subprocess.Popen(base_stopped, cwd=here, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     for line in proc.stdout:
         if line.startswith("step 8/"):
             proc.send_signal(signal.SIGTERM)
             break
     stop_log = proc.stdout.read()
     stopped = proc.wait()
-    resumed = subprocess.run(base + ["--exp_name=stopped"], cwd=here, capture_output=True, text=True)
-    a, b = (torch.load(os.path.join(out_dir, name, "ckpt_0000040.pt"), map_location="cpu", weights_only=True)
-            for name in ("straight", "stopped"))
-    diffs = [(a["model"][k].double() - b["model"][k].double()).abs().max().item() for k in a["model"]]
+    resumed = subprocess.run(base_stopped, cwd=here, capture_output=True, text=True)
+    from train import find_checkpoint, model_weights
+    a, b = (model_weights(find_checkpoint(os.path.join(out_dir, name), print)[1]) for name in ("straight", "stopped"))
+    diffs = [(a[k].double() - b[k].double()).abs().max().item() for k in a]
     return {"straight_exit": straight.returncode, "stopped_exit": stopped, "resumed_exit": resumed.returncode,
             "stop_line": next((line for line in stop_log.splitlines() if "saved a checkpoint" in line), None),
             "bit_exact": max(diffs) == 0.0, "max_weight_diff": max(diffs),

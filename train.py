@@ -1470,9 +1470,11 @@ def train(cfg, overwrite=False):
         if logging or evaluating or saving or step == start_step + 1:  # the one place the clock restarts
             clock_time, clock_step = time.time(), step
         if stopping and not last:
+            batches.close()
             log(f"{STOP_SIGNAL['name'] or 'signal on another rank'}: saved a checkpoint at step {step}; "
                 f"run the same command again to continue")
             return STOPPED_EXIT_CODE
+    batches.close()  # its thread has read nothing ahead since the last step
 
     log(f"done: {cfg['steps']} steps in {fmt_duration(time.time() - t_start)}; curves and summary: python plot.py {run_dir}")
     if cfg["sample_tokens"]:

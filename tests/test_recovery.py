@@ -290,6 +290,13 @@ def test_disk_full_during_a_checkpoint_save(data, tmp_path):
         assert [n for n in names(os.path.join(disk, "run")) if "ckpt" in n] == []  # no half file left
 
 
+def test_disk_full_during_a_sharded_checkpoint_save(data, tmp_path):
+    with small_disk(tmp_path / "disk", size="200k") as disk:
+        with pytest.raises(SystemExit, match=r"cannot write checkpoint '.*ckpt_0000002.dcp' \(No space left on device\)"):
+            train.main(args(data, disk, checkpoint_format="sharded"))
+        assert [n for n in names(os.path.join(disk, "run")) if "ckpt" in n] == []  # no half folder left
+
+
 def test_read_only_out_dir(data, tmp_path):
     with small_disk(tmp_path / "ro", readonly=True) as ro:
         with pytest.raises(SystemExit, match=r"cannot create run folder '.*' \(Read-only file system\)"):

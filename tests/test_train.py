@@ -381,9 +381,9 @@ def test_no_config_file_prints_usage_and_quick_start(tmp_path):
 
 
 def test_shipped_warmup_is_a_fraction_of_steps():
-    """`--steps=10` on the default config keeps its 10% warmup instead of failing on 30 > 10."""
+    """`--steps=10` on the default config keeps its 10% warmup instead of failing on 65 > 10."""
     path = os.path.join(ROOT, "configs", "shakespeare_char.yaml")
-    assert train.schedule_lengths(train.load_config(path))[0] == 30
+    assert train.schedule_lengths(train.load_config(path))[0] == 65
     short = train.load_config(path, ["--steps=10"])
     assert train.schedule_lengths(short)[0] == 1 and train.lr_at(1, short) == short["lr"]
 
