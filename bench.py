@@ -33,9 +33,9 @@ import numpy as np
 import torch
 
 from fast_ops import linear
-from train import (GPU_PEAK_BF16_TFLOPS, Sampler, build_model, choose_precision, get_windows, load_config,
-                   lr_factor, make_optimizer, model_config, open_tokens, peak_flops, peak_memory_mb, read_meta,
-                   setup_distributed, train_step, training_mode)
+from train import (GPU_PEAK_BF16_TFLOPS, Sampler, build_model, choose_precision, find_checkpoint, get_windows,
+                   load_config, lr_factor, make_optimizer, model_config, model_weights, open_tokens, peak_flops,
+                   peak_memory_mb, read_meta, setup_distributed, train_step, training_mode)
 
 
 def fail(msg):
@@ -563,7 +563,6 @@ def resume_on_gpu(data, out_dir):
     stop_log = proc.stdout.read()
     stopped = proc.wait()
     resumed = subprocess.run(base_stopped, cwd=here, capture_output=True, text=True)
-    from train import find_checkpoint, model_weights
     a, b = (model_weights(find_checkpoint(os.path.join(out_dir, name), print)[1]) for name in ("straight", "stopped"))
     diffs = [(a[k].double() - b[k].double()).abs().max().item() for k in a]
     return {"straight_exit": straight.returncode, "stopped_exit": stopped, "resumed_exit": resumed.returncode,

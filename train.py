@@ -923,7 +923,7 @@ def model_weights(ckpt):
         return ckpt["model"]
     import torch.distributed.checkpoint as dcp
     with torch.device("meta"):  # names, shapes and dtypes only
-        layout = Transformer(ModelConfig(**ckpt["model_config"])).state_dict()
+        layout = Transformer(ModelConfig(**ckpt["model_config"]), fast_ops=False).state_dict()
     state = {"model": {name: torch.empty(t.shape, dtype=t.dtype) for name, t in layout.items()}}
     with one_process_is_fine():
         dcp.load(state, checkpoint_id=ckpt["sharded"], no_dist=True)
@@ -1523,11 +1523,11 @@ def resume_or_branch(cfg, meta, run_dir, raw, optimizer, scaler, sampler, rank, 
             found = [(None, None, None, str(e))]
     if world > 1:
         dist.broadcast_object_list(found, src=0)
-    if found[0][3]:
-        raise SystemExit(found[0][3])  # on every rank
-    if rank != 0:
-        path, ckpt, how, _ = found[0]
-        ckpt = ckpt and {**ckpt, "model": {}, "optimizer": {}}
+    path, header, how, error = found[0]
+    if error:
+        raise SystemExit(error)  # on every rank
+    if rank != 0:  # the tensors of a full checkpoint come with restore()
+        ckpt = header and {**header, "model": {}, "optimizer": {}}
     if ckpt is not None and "sharded" in ckpt and world > 1:
         seen = torch.tensor([float(os.path.isfile(os.path.join(ckpt["sharded"], ".metadata")))], device=device)
         dist.all_reduce(seen, op=dist.ReduceOp.MIN)
