@@ -1,13 +1,10 @@
-"""The whole model: a decoder-only, pre-norm Transformer in the Llama style.
+"""The whole model: a decoder-only, pre-norm Transformer in the Llama style, without biases or dropout.
 
-    tokens -> embedding -> n_layers x [RMSNorm -> attention(RoPE) -> +residual,
-                                       RMSNorm -> feed-forward   -> +residual]
-           -> RMSNorm -> LM head -> logits
+    tokens -> embedding -> n_layers x [x + attention(RMSNorm(x)), x + feed-forward(RMSNorm(x))] -> RMSNorm -> LM head
 
-No biases, no dropout. Attention goes through F.scaled_dot_product_attention so CUDA picks the
-flash / memory-efficient kernels. Parameter names and the rotate-half RoPE layout match Hugging
-Face's Llama, so export.py copies weights without permuting them. This file is the plain
-reference to edit; fast_ops.py swaps in faster versions of a few modules (see use_fast_ops).
+Attention turns queries and keys by position (RoPE) and runs F.scaled_dot_product_attention (flash kernels on
+CUDA). Parameter names and the rotate-half RoPE layout match Hugging Face's Llama, so export.py copies weights
+as they are. This file is the plain reference to edit; fast_ops.py swaps in faster versions of a few modules.
 """
 import math
 import os
@@ -31,8 +28,7 @@ class ModelConfig:
     n_layers: int = option(6, "number of Transformer blocks")
     n_heads: int = option(6, "attention heads")
     n_kv_heads: int | None = option(None, "key/value heads for grouped-query attention (null: n_heads)")
-    d_ff: int | None = option(None, "feed-forward width (null: 8/3 d_model for glu, 4 d_model for relu2, "
-                                    "rounded up to 64)")
+    d_ff: int | None = option(None, "feed-forward width (null: 8/3 d_model for glu, 4 d_model for relu2, rounded up to 64)")
     mlp: str = option("glu", "feed-forward type: glu (SwiGLU) or relu2 (squared ReLU)")
     tie_embeddings: bool = option(False, "share the token embedding with the LM head")
     qk_norm: bool = option(False, "RMSNorm on queries and keys per head")
@@ -56,9 +52,8 @@ class ModelConfig:
         if (self.d_model // self.n_heads) % 2:
             raise ValueError(f"head size d_model/n_heads={self.d_model // self.n_heads} must be even for RoPE")
         if self.d_ff is None:
-            # A GLU has three matrices instead of two, so 8/3*d keeps its parameter count equal
-            # to a 4*d two-matrix MLP. Rounded up to a multiple of 64 so the matmuls tile evenly
-            # on GPUs (64 is enough for that; Llama's 256 would grow small models for nothing).
+            # A GLU has three matrices, so 8/3*d matches a 4*d two-matrix MLP's parameters. Rounded up to 64
+            # so GPU matmuls tile evenly (Llama's 256 would grow small models for nothing).
             hidden = 8 * self.d_model / 3 if self.mlp == "glu" else 4 * self.d_model
             self.d_ff = 64 * math.ceil(hidden / 64)
 
@@ -93,8 +88,7 @@ class RMSNorm(nn.Module):
 
     def __init__(self, dim, eps):
         super().__init__()
-        self.eps = eps
-        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps, self.weight = eps, nn.Parameter(torch.ones(dim))
 
     def forward(self, x):
         return F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).type_as(x) * self.weight
@@ -140,8 +134,7 @@ class Attention(nn.Module):
         if self.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = self.rope(q, cos, sin), self.rope(k, cos, sin)
-        # With a cache, a prompt starts at position 0 (causal) and every later call adds one
-        # token that may see everything before it (no mask needed).
+        # With a cache, a prompt starts at position 0 (causal); each later token may see all before it (no mask).
         causal = cache is None or cache.pos == 0
         if cache is not None:
             k, v = cache.update(self.layer, k, v)
@@ -192,8 +185,7 @@ class Transformer(nn.Module):
         if cfg.tie_embeddings:
             self.lm_head.weight = self.tok_emb.weight
         cos, sin = rope_tables(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta)
-        # Not persistent: derived from the config, so checkpoints need not carry them.
-        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_cos", cos, persistent=False)  # derived from the config: not in checkpoints
         self.register_buffer("rope_sin", sin, persistent=False)
         self.reset_parameters()
         self.checkpoint_every = 0  # recompute every k-th block in backward (train.py's activation_checkpointing)
@@ -206,11 +198,10 @@ class Transformer(nn.Module):
             self.init_parameter(name, p)
 
     def init_parameter(self, name, p):
-        """Matrices N(0, 0.02), the two residual output projections of each block scaled by
-        1/sqrt(2 n_layers) so the residual stream does not grow with depth. Embedding and LM head:
-        std 0.25/sqrt(d_model), so the first logits have std 0.25 at any width and the first loss is
-        ln(vocab) + ~0.03 (a flat 0.02 measured +0.13 nats at GPT-2-small width, +0.4 at 2048).
-        One parameter at a time, so that train.py can initialise a sharded model piece by piece."""
+        """Matrices N(0, 0.02); each block's two residual output projections scaled by 1/sqrt(2 n_layers) so
+        the residual stream does not grow with depth. Embedding and LM head std 0.25/sqrt(d_model): the first
+        logits have std 0.25 at any width, so the first loss is ln(vocab) + ~0.03 (a flat 0.02 measured +0.13
+        nats at GPT-2-small width). One parameter at a time: train.py initialises sharded models piecewise."""
         c = self.cfg
         if p.dim() == 1:
             nn.init.ones_(p)  # RMSNorm gains
@@ -222,9 +213,8 @@ class Transformer(nn.Module):
             nn.init.normal_(p, mean=0.0, std=0.02)
 
     def forward(self, idx, targets=None, cache=None, reduction="mean"):
-        """idx (B, T) token ids -> (logits (B, T, vocab_size), None), or with targets (None, loss):
-        the cross-entropy ("mean" or "sum" over the targets that are not -1), in fp32 whatever the
-        autocast. The loss never needs the logits tensor, which real vocabularies make the largest."""
+        """idx (B, T) token ids -> (logits (B, T, vocab_size), None), or with targets (None, loss): the fp32
+        cross-entropy ("mean" or "sum" over targets that are not -1); fast_ops.py computes it in chunks of logits."""
         T = idx.shape[1]
         pos = cache.pos if cache is not None else 0
         if pos + T > self.cfg.max_seq_len:
@@ -233,8 +223,7 @@ class Transformer(nn.Module):
             raise ValueError("after the prompt, a cached forward takes one token at a time")
         cos, sin = self.rope_cos[pos:pos + T], self.rope_sin[pos:pos + T]
         x = self.tok_emb(idx)
-        if torch.is_autocast_enabled(x.device.type):
-            # Autocast keeps the residual stream in fp32; FSDP's bf16 weights would make it bf16 here.
+        if torch.is_autocast_enabled(x.device.type):  # keep the residual stream in fp32 (FSDP's bf16 weights)
             x = x.float()
         for i, block in enumerate(self.blocks):
             if self.training and self.checkpoint_every and i % self.checkpoint_every == 0:
@@ -250,8 +239,7 @@ class Transformer(nn.Module):
         return None, self.loss(x, targets, reduction)
 
     def logits(self, x):
-        # The matmul runs over the padded rows (fast shapes); the padded columns are then
-        # dropped, so they can never be predicted and never enter the loss.
+        # The matmul runs over the padded rows (fast shapes); their columns are dropped: never predicted.
         return self.lm_head(x)[..., :self.cfg.vocab_size]
 
     def loss(self, x, targets, reduction="mean"):
@@ -259,18 +247,13 @@ class Transformer(nn.Module):
                                reduction=reduction)
 
     def num_params(self, non_embedding=False):
-        """Parameters counted once each (a tied head shares the embedding's). non_embedding
-        leaves out the token embedding and an untied LM head."""
-        params = {id(p): p for p in self.parameters()}
-        if non_embedding:
-            params.pop(id(self.tok_emb.weight))
-            params.pop(id(self.lm_head.weight), None)
-        return sum(p.numel() for p in params.values())
+        """Parameters counted once each (a tied head is the embedding); non_embedding leaves both out."""
+        skip = {id(self.tok_emb.weight), id(self.lm_head.weight)} if non_embedding else set()
+        return sum(p.numel() for p in self.parameters() if id(p) not in skip)
 
     def flops_per_token(self, seq_len):
-        """Matmul FLOPs of one token through forward and backward (backward = 2x forward).
-        Attention scores count the full seq_len x seq_len product (as PaLM and nanoGPT do for
-        MFU); the embedding lookup and elementwise ops are not matmuls and are left out."""
+        """Matmul FLOPs of one token through forward and backward (2x forward), attention scores over the full
+        seq_len x seq_len product (as PaLM and nanoGPT count for MFU); lookups and elementwise ops left out."""
         c = self.cfg
         proj = 2 * c.d_model * c.head_dim * (2 * c.n_heads + 2 * c.n_kv_heads)  # q, k, v, o
         scores = 2 * 2 * seq_len * c.n_heads * c.head_dim  # q @ k^T and probs @ v
@@ -280,16 +263,17 @@ class Transformer(nn.Module):
 
     @torch.no_grad()
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, on_token=None):
-        """Continue each row of idx (B, T) by max_new_tokens tokens; temperature 0 is greedy. With a
-        KV cache; when the context reaches max_seq_len the newest half is re-encoded and generation
-        goes on. on_token(token (B, 1)) is called as each token is chosen (sample.py streams it)."""
+        """Continue each row of idx (B, T) by max_new_tokens tokens (temperature 0: greedy) with a KV cache; a full
+        context re-encodes its newest half. on_token(token (B, 1)) sees each token as it is chosen (sample.py)."""
         window = self.cfg.max_seq_len
         device = idx.device.type  # under autocast (sampling on a GPU) keys and values are in its dtype
         dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else self.tok_emb.weight.dtype
         cache = KVCache(self.cfg, idx.shape[0], window, idx.device, dtype)
-        logits, _ = self(idx[:, -window:], cache=cache)
-        for i in range(max_new_tokens):
-            logits = logits[:, -1, :].float()
+        new = idx[:, -window:]  # the tokens the cache has not seen yet
+        for _ in range(max_new_tokens):
+            if cache.pos + new.shape[1] > window:  # full: start over from the newest half
+                cache.pos, new = 0, idx[:, -max(1, window // 2):]
+            logits = self(new, cache=cache)[0][:, -1, :].float()
             if temperature == 0:
                 next_tok = logits.argmax(dim=-1, keepdim=True)
             else:
@@ -298,20 +282,12 @@ class Transformer(nn.Module):
                     kth = torch.topk(logits, min(top_k, logits.shape[-1])).values[:, [-1]]
                     logits = logits.masked_fill(logits < kth, -float("inf"))
                 next_tok = torch.multinomial(F.softmax(logits, dim=-1), num_samples=1)
-            idx = torch.cat((idx, next_tok), dim=1)
+            idx, new = torch.cat((idx, next_tok), dim=1), next_tok
             if on_token is not None:
                 on_token(next_tok)
-            if i == max_new_tokens - 1:
-                break  # no forward pass for logits nobody reads
-            if cache.pos == window:  # full: start over from the newest half
-                cache.pos = 0
-                logits, _ = self(idx[:, -max(1, window // 2):], cache=cache)
-            else:
-                logits, _ = self(next_tok, cache=cache)
         return idx
 
 
 def use_fast_ops(requested=True):
-    """The switch for fast_ops.py: off with Transformer(cfg, fast_ops=False), `fast_ops: false` in a
-    config, or PLAINLM_FAST_OPS=0. Each fast module runs the plain forward where it does not pay."""
+    """fast_ops.py's switch: off with Transformer(cfg, fast_ops=False), `fast_ops: false` or PLAINLM_FAST_OPS=0."""
     return bool(requested) and os.environ.get("PLAINLM_FAST_OPS", "1") != "0"
