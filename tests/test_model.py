@@ -289,6 +289,8 @@ def test_custom_backwards_pass_gradcheck():
     x = torch.randn(2, 3, 5, dtype=torch.float64, requires_grad=True)
     weight = torch.randn(5, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(lambda x, w: RMSNormFunction.apply(x, w, 1e-5), (x, weight))
+    x_t = torch.randn(2, 5, 3, dtype=torch.float64).transpose(1, 2).requires_grad_()  # as q under qk_norm
+    assert torch.autograd.gradcheck(lambda x, w: RMSNormFunction.apply(x, w, 1e-5), (x_t, weight))
     gate, up = (torch.randn(2, 3, 7, dtype=torch.float64, requires_grad=True) for _ in range(2))
     w_down = torch.randn(5, 7, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(SwiGLUDown.apply, (gate, up, w_down))
