@@ -1280,6 +1280,19 @@ def peak_memory_mb(device):
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
+def log_step(step, train_loss, grad_norm, step_s, cfg, flops_per_step, peak, world, device, log):
+    """Log one training line; returns its metrics record. step_s: seconds per step since the clock restarted."""
+    tokens_per_step = cfg["batch_size"] * cfg["seq_len"]
+    record = {"step": step, "tokens": step * tokens_per_step, "lr": lr_at(step, cfg), "train_loss": train_loss,
+              "grad_norm": grad_norm, "tokens_per_s": tokens_per_step / step_s, "step_ms": 1000 * step_s,
+              "peak_mem_mb": peak_memory_mb(device)}
+    mfu = f" | mfu {100 * flops_per_step / step_s / peak / world:.1f}%" if peak else ""
+    log(f"step {step}/{cfg['steps']} | loss {train_loss:.4f} | lr {record['lr']:.2e} | grad {grad_norm:.3f} | "
+        f"{record['tokens_per_s']:,.0f} tok/s{mfu} | {1000 * step_s:.0f} ms/step | "
+        f"eta {fmt_duration(step_s * (cfg['steps'] - step))} | mem {record['peak_mem_mb']:,.0f} MB")
+    return record
+
+
 def fmt_duration(seconds):
     seconds = int(seconds)
     return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
@@ -1411,8 +1424,7 @@ def train(cfg, overwrite=False):
 
     stop_requested = StopFlag(world)
     accum = cfg["batch_size"] // (cfg["micro_batch_size"] * world)
-    tokens_per_step = cfg["batch_size"] * cfg["seq_len"]
-    flops_per_step = raw.flops_per_token(cfg["seq_len"]) * tokens_per_step
+    flops_per_step = raw.flops_per_token(cfg["seq_len"]) * cfg["batch_size"] * cfg["seq_len"]
     peak = peak_flops(device, amp_dtype)
     metrics = Metrics(run_dir, cfg, start_step, enabled=is_main)
     log(f"run {run_dir} | {raw.num_params() / 1e6:.2f}M parameters | {world} process(es) on {device.type}"
@@ -1447,13 +1459,7 @@ def train(cfg, overwrite=False):
             train_loss = mean_loss(loss_sum, last_log_step + 1, step, world)
         if logging:
             step_s = (time.time() - clock_time) / (step - clock_step)
-            record = {"step": step, "tokens": step * tokens_per_step, "lr": lr_at(step, cfg), "train_loss": train_loss,
-                      "grad_norm": grad_norm.item(), "tokens_per_s": tokens_per_step / step_s, "step_ms": 1000 * step_s,
-                      "peak_mem_mb": peak_memory_mb(device)}
-            mfu = f" | mfu {100 * flops_per_step / step_s / peak / world:.1f}%" if peak else ""
-            log(f"step {step}/{cfg['steps']} | loss {train_loss:.4f} | lr {record['lr']:.2e} | grad {record['grad_norm']:.3f} | "
-                f"{record['tokens_per_s']:,.0f} tok/s{mfu} | {1000 * step_s:.0f} ms/step | "
-                f"eta {fmt_duration(step_s * (cfg['steps'] - step))} | mem {record['peak_mem_mb']:,.0f} MB")
+            record = log_step(step, train_loss, grad_norm.item(), step_s, cfg, flops_per_step, peak, world, device, log)
             loss_sum, last_log_step = None, step
         if evaluating:
             with averaged_weights(optimizer):
