@@ -767,7 +767,7 @@ def bench_time_to_loss(args, overrides):
               f"{(row['steps_to_target'] if reached else 'not reached'):>18}"
               f"{(format(row['seconds_to_target'], '.2f') if reached else '-'):>9}"
               f"{fmt_or_dash('{:.2f}', row.get('fewer_steps_x')):>9}{fmt_or_dash('{:.2f}', row.get('less_time_x')):>8}"
-              f"{row['val_loss_at_equal_time']:>18.4f}")
+              f"{fmt_or_dash('{:.4f}', row['val_loss_at_equal_time']):>18}")  # none: its first evaluation came later
     print(json.dumps({"target": target, "equal_time_s": equal_time, "threads": threads, "out_dir": out, "recipes": rows}))
     return 0
 

@@ -78,7 +78,8 @@ class Muon(torch.optim.Optimizer):
         for shape, pairs in by_shape.items():
             ortho = orthogonalize(torch.stack([update for _, update in pairs]), group["ns_steps"])
             for (p, _), o in zip(pairs, ortho):
-                p.mul_(1 - group["lr"] * group["weight_decay"])  # decoupled, as in AdamW
+                if group["weight_decay"]:  # decoupled, as in AdamW
+                    p.mul_(1 - group["lr"] * group["weight_decay"])
                 p.add_(o, alpha=-group["lr"] * lr_scale(shape, group["adjust_lr"]))
 
     def _adamw_step(self, params, group):
@@ -113,5 +114,6 @@ class Signum(torch.optim.Optimizer):
                     state["momentum_buffer"] = torch.zeros_like(p)
                 buf = state["momentum_buffer"]
                 buf.lerp_(p.grad, 1 - group["momentum"])
-                p.mul_(1 - group["lr"] * group["weight_decay"])
+                if group["weight_decay"]:
+                    p.mul_(1 - group["lr"] * group["weight_decay"])
                 p.add_(buf.sign(), alpha=-group["lr"])
